@@ -1,0 +1,1 @@
+"""Data plane: readers per source -> preprocessing -> window shards -> Ray Data loader."""

@@ -1,0 +1,68 @@
+"""Shard rows (Arrow) -> model-space numpy batches, without per-row Python. Used by the Ray Data loader.
+
+The output keys are the Batch layout documented in `p2es_dist.models.base`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from p2es_dist.constants import LABEL_INDEX, LABELS, N_LEADS, WINDOW
+from p2es_dist.data.normalize import ecg_to_model_space, ppg_to_model_space
+from p2es_dist.data.splits import subject_hash
+
+
+def _fixed_list_to_numpy(column: pa.ChunkedArray | pa.Array, width: int, dtype=np.float32) -> np.ndarray:
+    """A fixed_size_list column as an (n, width) array; null rows become zeros."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    n = len(column)
+    if column.null_count:
+        valid = column.is_valid().to_numpy(zero_copy_only=False)
+        # .values skips nothing for fixed-size lists: null rows still own `width` slots.
+        flat = column.values.to_numpy(zero_copy_only=False)
+        out = flat[column.offset * width : (column.offset + n) * width].reshape(n, width).astype(dtype)
+        out[~valid] = 0
+        return out
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(n, width).astype(dtype, copy=False)
+
+
+def labels_multi_hot(labels: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """list<string> -> (n, 13) float32 multi-hot over `constants.LABELS`."""
+    if isinstance(labels, pa.ChunkedArray):
+        labels = labels.combine_chunks()
+    n = len(labels)
+    out = np.zeros((n, len(LABELS)), dtype=np.float32)
+    offsets = labels.offsets.to_numpy()
+    values = labels.flatten().to_numpy(zero_copy_only=False)
+    if values.size:
+        rows = np.repeat(np.arange(n), np.diff(offsets))
+        cols = np.array([LABEL_INDEX.get(v, -1) for v in values])
+        known = cols >= 0
+        out[rows[known], cols[known]] = 1.0
+    return out
+
+
+def table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
+    """Shard rows -> model-space batch (ppg, ppg_mask, ecg, ecg_mask, age, sex, labels, subject, scale)."""
+    ecg = _fixed_list_to_numpy(table.column("ecg"), N_LEADS * WINDOW).reshape(-1, N_LEADS, WINDOW)
+    ecg_mask = _fixed_list_to_numpy(table.column("ecg_mask"), N_LEADS, dtype=bool)
+    ppg_column = table.column("ppg")
+    ppg_mask = ppg_column.is_valid().to_numpy(zero_copy_only=False) if len(table) else np.zeros(0, bool)
+    ppg = _fixed_list_to_numpy(ppg_column, WINDOW)
+    ecg_model, scale = ecg_to_model_space(ecg, ecg_mask)
+    age = table.column("age").to_numpy(zero_copy_only=False)
+    subjects = table.column("subject_id").to_pylist()
+    return {
+        "ppg": ppg_to_model_space(ppg, ppg_mask),
+        "ppg_mask": np.asarray(ppg_mask, dtype=bool),
+        "ecg": ecg_model,
+        "ecg_mask": ecg_mask,
+        "age": np.asarray(age, dtype=np.float32),  # nulls arrive as NaN
+        "sex": table.column("sex").to_numpy().astype(np.int64),
+        "labels": labels_multi_hot(table.column("labels")),
+        "subject": np.array([subject_hash(s) for s in subjects], dtype=np.int64),
+        "scale": scale,
+    }

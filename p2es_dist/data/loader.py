@@ -1,0 +1,122 @@
+"""Window shards (any URI) -> Ray Data -> model-space torch batches for Ray Train workers.
+
+    datasets = training_datasets(LoaderConfig(uris=["s3://p2es/bidmc", "s3://p2es/synthetic"]))
+    trainer = TorchTrainer(..., datasets=datasets)
+    # inside the worker loop:
+    for batch in torch_batches(ray.train.get_dataset_shard("train"), config, training=True): ...
+
+Shards are found through each folder's `manifest.json`, never by listing the folder, so a shard of an
+interrupted ingest is never read. The split is a filter pushed down into the Parquet scan. Conversion to
+model space (and augmentation, for training) runs in Ray Data's parallel `map_batches` on whole Arrow
+blocks, so no per-row Python touches the signals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from p2es_dist.data.augment import AugmentConfig, augment_batch
+from p2es_dist.data.batches import table_to_batch
+from p2es_dist.errors import UserError
+from p2es_dist.storage import uri as uri_lib
+
+# Columns a model batch needs; `window_id` only seeds augmentation and is dropped after conversion.
+READ_COLUMNS = ["window_id", "split", "subject_id", "ppg", "ecg", "ecg_mask", "age", "sex", "labels", "quality"]
+
+
+@dataclass
+class LoaderConfig:
+    uris: list[str] = field(default_factory=list)  # shard folders, each with a manifest.json
+    batch_size: int = 32
+    shuffle_buffer: int = 1024  # local shuffle buffer of training batches (0 turns it off)
+    seed: int = 0
+    min_quality: float = 0.0
+    block_rows: int = 256  # rows per conversion call (one Parquet row group)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def shard_paths(uris: list[str]) -> tuple[pa.fs.FileSystem, list[str]]:
+    """The pyarrow filesystem and every shard path listed by the manifests under `uris`."""
+    if not uris:
+        raise UserError("data.uris: expected at least one shard folder (the --output of `p2es ingest`)")
+    if len({uri_lib.is_s3(u) for u in uris}) > 1:
+        raise UserError(f"data.uris: mix local folders and s3:// in separate runs, got {uris}")
+    filesystem, paths = None, []
+    for folder in uris:
+        manifest_uri = uri_lib.join(folder, "manifest.json")
+        if not uri_lib.exists(manifest_uri):
+            raise UserError(f"data.uris: {folder} has no manifest.json (not an ingest output, or unfinished)")
+        manifest = json.loads(uri_lib.read_text(manifest_uri))
+        for shard in manifest["shards"]:
+            fs, path = uri_lib.pyarrow_filesystem(uri_lib.join(folder, shard["path"]))
+            filesystem = filesystem or fs
+            paths.append(path)
+    if not paths:
+        raise UserError(f"data.uris: the manifests under {uris} list no shards")
+    return filesystem, paths
+
+
+def read_windows(uris: list[str], *, split: str | None = None, min_quality: float = 0.0,
+                 columns: list[str] | None = None):
+    """Shard rows as a Ray Dataset, filtered to a split (pushed down into the Parquet scan)."""
+    import ray.data
+    from ray.data.expressions import col, lit
+
+    filesystem, paths = shard_paths(uris)
+    dataset = ray.data.read_parquet(paths, filesystem=filesystem, columns=columns or READ_COLUMNS)
+    if split is not None and split != "all":
+        dataset = dataset.filter(expr=col("split") == lit(split))
+    if min_quality > 0:
+        dataset = dataset.filter(expr=col("quality") >= lit(min_quality))
+    return dataset
+
+
+def _batch_seed(table: pa.Table, seed: int) -> int:
+    """A seed from the batch's content, so augmentation is reproducible whatever order blocks arrive in."""
+    first = table.column("window_id")[0].as_py() if len(table) else ""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{first}".encode(), digest_size=8).digest(), "big") >> 1
+
+
+def convert_block(table: pa.Table, *, augment: AugmentConfig | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Arrow rows -> model-space numpy batch (optionally augmented). Runs inside `map_batches`."""
+    batch = table_to_batch(table)
+    if augment is not None and augment.enabled and len(table):
+        batch = augment_batch(batch, augment, seed=_batch_seed(table, seed))
+    return batch
+
+
+def model_space_dataset(config: LoaderConfig, *, split: str, training: bool):
+    """A Ray Dataset of model-space numpy batches for one split; augmentation only when `training`."""
+    dataset = read_windows(config.uris, split=split, min_quality=config.min_quality)
+    return dataset.map_batches(
+        convert_block,
+        batch_format="pyarrow",
+        batch_size=config.block_rows,
+        fn_kwargs={"augment": config.augment if training else None, "seed": config.seed},
+    )
+
+
+def training_datasets(config: LoaderConfig, *, splits: tuple[str, ...] = ("train", "val")) -> dict[str, Any]:
+    """`datasets=` for a TorchTrainer: the training split augmented, the others plain. Never `test`."""
+    if "test" in splits:
+        raise ValueError("the test split is for final evaluation only, never for training or selection")
+    return {split: model_space_dataset(config, split=split, training=split == "train") for split in splits}
+
+
+def torch_batches(shard, config: LoaderConfig, *, training: bool, epoch: int = 0) -> Iterator[dict]:
+    """Iterate a Ray Data shard (`get_dataset_shard`) or Dataset as dicts of torch tensors."""
+    shuffle = config.shuffle_buffer if training and config.shuffle_buffer > 0 else None
+    return shard.iter_torch_batches(
+        batch_size=config.batch_size,
+        local_shuffle_buffer_size=shuffle,
+        local_shuffle_seed=config.seed + epoch if shuffle else None,
+        drop_last=training,
+        device="cpu",
+    )

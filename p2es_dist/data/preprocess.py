@@ -1,0 +1,195 @@
+"""Raw record -> clean 125 Hz windows: gap repair, resampling, band-pass, artefact checks, windowing.
+
+Order matters: runs of NaN, flat lines and clipping are found on the raw samples (filters smear them),
+short gaps are interpolated, then each signal is resampled polyphase to 125 Hz and band-passed with a
+zero-phase Butterworth filter. Windows touching a long gap, a flat line or a clipped run lose that
+signal; a window left without PPG (when the record has PPG) or without any ECG lead is rejected with
+a reason that ingest writes to `quarantine.jsonl`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+from scipy import signal as sps
+
+from p2es_dist.constants import FS, LEAD_INDEX, LEADS, N_LEADS, WINDOW
+from p2es_dist.data.quality import quality_index
+from p2es_dist.data.record import Record, RecordError
+
+
+@dataclass
+class PreprocessConfig:
+    hop: int = 512  # samples between window starts at 125 Hz
+    ecg_band_hz: tuple[float, float] = (0.5, 40.0)
+    ppg_band_hz: tuple[float, float] = (0.5, 8.0)
+    filter_order: int = 3
+    max_gap_s: float = 0.5  # NaN runs up to this long are interpolated; longer ones invalidate windows
+    flat_s: float = 1.0  # a constant run this long is a flat line (lead off, sensor detached)
+    clip_s: float = 0.08  # a constant run this long at the signal's extreme value is saturation
+    min_quality: float = 0.0  # windows below this quality index are rejected
+
+
+@dataclass
+class Windows:
+    """Windows of one record at 125 Hz: `ecg` (n, 12, L) physical units, zeros where a lead is absent."""
+
+    start: np.ndarray  # (n,) first sample at 125 Hz
+    ecg: np.ndarray  # (n, 12, L) float32
+    ecg_mask: np.ndarray  # (n, 12) bool
+    ppg: np.ndarray | None  # (n, L) float32, or None when the record has no PPG
+    quality: np.ndarray  # (n,) float32
+    rejected: list[dict]  # {"start", "reason"} for each dropped window
+
+
+def _constant_runs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Start, length and value of each run of identical consecutive samples (NaN runs included)."""
+    same = np.isclose(x[1:], x[:-1], rtol=0.0, atol=1e-9) | (np.isnan(x[1:]) & np.isnan(x[:-1]))
+    change = np.flatnonzero(~same) + 1
+    starts = np.concatenate([[0], change])
+    lengths = np.diff(np.concatenate([starts, [len(x)]]))
+    return starts, lengths, x[starts]
+
+
+def _artefact_mask(x: np.ndarray, fs: float, config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample reason codes at native rate (0 ok, 1 gap, 2 flat, 3 clipped) and the gap-filled signal."""
+    reason = np.zeros(len(x), dtype=np.int8)
+    starts, lengths, values = _constant_runs(x)
+    finite = x[np.isfinite(x)]
+    if finite.size == 0:
+        reason[:] = 1
+        return reason, np.zeros_like(x)
+    top, bottom = finite.max(), finite.min()
+    # Only runs long enough to matter reach the Python loop (noise changes every sample).
+    worth_checking = (lengths >= min(config.clip_s, config.flat_s) * fs) | np.isnan(values)
+    for start, length, value in zip(
+        starts[worth_checking], lengths[worth_checking], values[worth_checking], strict=True
+    ):
+        stop = start + length
+        if np.isnan(value):
+            if length > config.max_gap_s * fs:
+                reason[start:stop] = 1
+        elif length >= config.flat_s * fs:
+            reason[start:stop] = 2
+        elif length >= config.clip_s * fs and value in (top, bottom):
+            reason[start:stop] = 3
+    # Short gaps: linear interpolation; long gaps are zero-filled and masked as invalid.
+    filled = x.copy()
+    nan = np.isnan(filled)
+    if nan.any():
+        idx = np.arange(len(x))
+        filled[nan] = np.interp(idx[nan], idx[~nan], filled[~nan])
+        filled[reason == 1] = 0.0
+    return reason, filled
+
+
+def resample(x: np.ndarray, fs_in: float, fs_out: float = FS) -> np.ndarray:
+    """Polyphase resampling by the nearest small rational factor (exact for 100/250/360/400/500/1000 Hz)."""
+    if fs_in == fs_out:
+        return x.astype(np.float64, copy=False)
+    ratio = Fraction(fs_out / fs_in).limit_denominator(1000)
+    return sps.resample_poly(x, ratio.numerator, ratio.denominator)
+
+
+def bandpass(x: np.ndarray, band_hz: tuple[float, float], order: int, fs: float = FS) -> np.ndarray:
+    high = min(band_hz[1], 0.45 * fs)
+    sos = sps.butter(order, [band_hz[0], high], btype="bandpass", fs=fs, output="sos")
+    # Removing the offset and padding by a few seconds keeps the record's first window free of the
+    # step response a DC offset would otherwise leave at the edges.
+    centred = x - np.median(x)
+    return sps.sosfiltfilt(sos, centred, padtype="even", padlen=min(len(x) - 1, int(3 * fs)))
+
+
+def _reason_at_rate(reason: np.ndarray, fs_in: float, n_out: int) -> np.ndarray:
+    """Map per-sample reason codes to 125 Hz by time (a max over the covered native samples)."""
+    if fs_in == FS:
+        return reason[:n_out]
+    edges = np.minimum((np.arange(n_out + 1) * fs_in / FS).astype(np.int64), len(reason))
+    out = np.zeros(n_out, dtype=np.int8)
+    bad = np.flatnonzero(reason)
+    bins = np.searchsorted(edges, bad, side="right") - 1
+    inside = (bins >= 0) & (bins < n_out)
+    # Any bad native sample marks the 125 Hz sample that covers it.
+    np.maximum.at(out, bins[inside], reason[bad[inside]])
+    return out
+
+
+_REASON_NAMES = {1: "NaN gap", 2: "flat line", 3: "saturation"}
+
+
+def _condition(x: np.ndarray, fs: float, band_hz: tuple[float, float], config: PreprocessConfig):
+    """One raw signal -> (125 Hz filtered signal, 125 Hz reason codes)."""
+    reason, filled = _artefact_mask(np.asarray(x, dtype=np.float64), fs, config)
+    clean = bandpass(resample(filled, fs), band_hz, config.filter_order)
+    return clean.astype(np.float32), _reason_at_rate(reason, fs, len(clean))
+
+
+def window_starts(n_samples: int, hop: int, window: int = WINDOW) -> np.ndarray:
+    if n_samples < window:
+        return np.zeros(0, dtype=np.int64)
+    return np.arange(0, n_samples - window + 1, hop, dtype=np.int64)
+
+
+def make_windows(record: Record, config: PreprocessConfig) -> Windows:
+    """Cut a record into 125 Hz windows; raises RecordError when the record yields no window at all."""
+    if not record.ecg and record.ppg is None:
+        raise RecordError("no ECG lead and no PPG signal")
+    if record.fs <= 0:
+        raise RecordError(f"invalid sampling rate {record.fs}")
+    leads: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for name, samples in record.ecg.items():
+        if name not in LEAD_INDEX:
+            raise RecordError(f"unknown lead name {name!r}")
+        leads[LEAD_INDEX[name]] = _condition(samples, record.fs, config.ecg_band_hz, config)
+    ppg = None
+    if record.ppg is not None:
+        ppg = _condition(record.ppg, record.ppg_fs or record.fs, config.ppg_band_hz, config)
+    lengths = [len(s) for s, _ in leads.values()] + ([len(ppg[0])] if ppg else [])
+    n_samples = min(lengths)
+    starts = window_starts(n_samples, config.hop)
+    if starts.size == 0:
+        seconds = n_samples / FS
+        raise RecordError(f"shorter than one window ({seconds:.1f} s at {FS} Hz < {WINDOW / FS:.3f} s)")
+
+    offsets = starts[:, None] + np.arange(WINDOW)[None, :]
+    n = len(starts)
+    ecg = np.zeros((n, N_LEADS, WINDOW), dtype=np.float32)
+    ecg_mask = np.zeros((n, N_LEADS), dtype=bool)
+    reasons = [dict() for _ in range(n)]  # first bad signal per reason, for the quarantine line
+    for lead, (samples, reason) in leads.items():
+        bad = reason[offsets].max(axis=1)
+        ecg[:, lead] = samples[offsets]
+        ecg_mask[:, lead] = bad == 0
+        ecg[bad > 0, lead] = 0.0
+        for i in np.flatnonzero(bad):
+            reasons[i].setdefault(_REASON_NAMES[int(bad[i])], []).append(LEADS[lead])
+    ppg_windows = None
+    keep = ecg_mask.any(axis=1) if leads else np.ones(n, dtype=bool)
+    if ppg is not None:
+        samples, reason = ppg
+        ppg_windows = samples[offsets]
+        bad = reason[offsets].max(axis=1)
+        for i in np.flatnonzero(bad):
+            reasons[i].setdefault(_REASON_NAMES[int(bad[i])], []).append("PPG")
+        keep &= bad == 0
+    quality = quality_index(ecg, ecg_mask, ppg_windows)
+    low_quality = quality < config.min_quality
+    rejected = []
+    for i in np.flatnonzero(~keep | low_quality):
+        if not keep[i]:
+            detail = "; ".join(f"{kind} in {', '.join(names)}" for kind, names in reasons[i].items())
+        else:
+            detail = f"quality {quality[i]:.2f} below {config.min_quality:.2f}"
+        rejected.append({"start": int(starts[i]), "reason": detail})
+    keep &= ~low_quality
+    return Windows(
+        start=starts[keep],
+        ecg=ecg[keep],
+        ecg_mask=ecg_mask[keep],
+        ppg=None if ppg_windows is None else ppg_windows[keep],
+        quality=quality[keep],
+        rejected=rejected,
+    )
+
