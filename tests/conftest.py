@@ -25,6 +25,16 @@ def require_data(*parts: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray runtime for the whole session (starting Ray costs seconds)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def data_root() -> Path:
     return require_data()
 

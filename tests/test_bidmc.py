@@ -31,8 +31,8 @@ def test_reads_by_column_name_whatever_the_order(root):
     for record in (first, fifth):
         assert set(record.ecg) == {"II", "aVR"} and record.fs == 125.0
         assert len(record.ppg) == len(record.ecg["II"]) == 60001
-    raw = np.loadtxt(gzip.open(root / "bidmc_csv/bidmc_01_Signals.csv.gz", "rt"), delimiter=",", skiprows=1,
-                     max_rows=5)
+    with gzip.open(root / "bidmc_csv/bidmc_01_Signals.csv.gz", "rt") as f:
+        raw = np.loadtxt(f, delimiter=",", skiprows=1, max_rows=5)
     np.testing.assert_allclose(first.ppg[:5], raw[:, 2])  # PLETH is the third column there
     np.testing.assert_allclose(first.ecg["II"][:5], raw[:, 5])
 

@@ -15,6 +15,7 @@ output folder never mixes two preprocessing settings.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -63,6 +64,7 @@ class IngestPlan:
     synthetic: Any  # SyntheticConfig when source == "synthetic"
     fingerprint: str
     tasks: list[list[str]]  # record keys per task; for synthetic, one chunk index per task
+    reader_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. ptbxl.resolution
 
 
 def plan_ingest(source: str, input_uri: str | None, output_uri: str, config: dict[str, Any]) -> IngestPlan:
@@ -70,7 +72,7 @@ def plan_ingest(source: str, input_uri: str | None, output_uri: str, config: dic
         raise UserError(f"--source: expected one of {', '.join(SOURCES)}, got {source!r}")
     preprocess = from_dict(PreprocessConfig, section(config, "preprocess"), where="preprocess")
     ingest = from_dict(IngestConfig, section(config, "ingest"), where="ingest")
-    synthetic = None
+    synthetic, reader_options = None, {}
     if source == "synthetic":
         from p2es_dist.data.sources.synthetic import SyntheticConfig
 
@@ -86,13 +88,27 @@ def plan_ingest(source: str, input_uri: str | None, output_uri: str, config: dic
                             "stage them first (e.g. `aws s3 sync`), shards can go to s3://")
         root = Path(input_uri.removeprefix("file://")).expanduser().resolve()
         input_uri = str(root)
-        keys = reader(source).list_records(root)
-        tasks = [keys[i : i + ingest.records_per_task] for i in range(0, len(keys), ingest.records_per_task)]
+        reader_options = section(config, source)
+        keys = _call_reader(source, "list_records", root, options=reader_options)
+        per_task = ingest.records_per_task
+        tasks = [keys[i : i + per_task] for i in range(0, len(keys), per_task)]
     identity = {"source": source, "input": input_uri, "preprocess": to_dict(preprocess),
-                "shard_rows": ingest.shard_rows, "synthetic": to_dict(synthetic) if synthetic else None,
-                "schema_version": SCHEMA_VERSION}
+                "shard_rows": ingest.shard_rows, "reader": reader_options,
+                "synthetic": to_dict(synthetic) if synthetic else None, "schema_version": SCHEMA_VERSION}
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    return IngestPlan(source, input_uri, output_uri, preprocess, ingest, synthetic, fingerprint, tasks)
+    return IngestPlan(source, input_uri, output_uri, preprocess, ingest, synthetic, fingerprint, tasks,
+                      reader_options)
+
+
+def _call_reader(source: str, function: str, *args: Any, options: dict[str, Any] | None = None) -> Any:
+    """A reader function with the source's own options (`--set ptbxl.resolution=records100`)."""
+    try:
+        return getattr(reader(source), function)(*args, **(options or {}))
+    except TypeError as exc:
+        if options and "unexpected keyword" in str(exc):
+            problem = exc.args[0].split("() ")[-1]
+            raise UserError(f"{source}: {problem} (check the `{source}:` config section)") from None
+        raise
 
 
 def _write_shards(table: pa.Table, plan: IngestPlan, task_id: int) -> list[dict]:
@@ -125,7 +141,7 @@ def run_task(plan: IngestPlan, task_id: int) -> dict:
     else:
         tables = []
         for key in plan.tasks[task_id]:
-            result = ingest_record(plan.source, plan.input_uri, key, plan.preprocess)
+            result = ingest_record(plan.source, plan.input_uri, key, plan.preprocess, plan.reader_options)
             tables.append(result["table"])
             quarantine.extend(result["quarantine"])
             n_ok += int(result["ok"])
@@ -151,7 +167,7 @@ def _marker_uri(plan: IngestPlan, task_id: int) -> str:
 
 def pending_tasks(plan: IngestPlan) -> list[int]:
     work = uri_lib.join(plan.output_uri, "_work", plan.fingerprint)
-    done = {Path(p).name for p in uri_lib.ls(work, suffix=".json")} if uri_lib.exists(work) else set()
+    done = {Path(p).name for p in uri_lib.ls(work, suffix=".json", missing_ok=True)}
     return [i for i in range(len(plan.tasks)) if f"task-{i:06d}.json" not in done]
 
 

@@ -46,10 +46,11 @@ def record_to_table(record: Record, config: PreprocessConfig) -> tuple[pa.Table,
     return table, quarantine
 
 
-def ingest_record(source: str, root: str | Path, key: str, config: PreprocessConfig) -> dict:
+def ingest_record(source: str, root: str | Path, key: str, config: PreprocessConfig,
+                  reader_options: dict | None = None) -> dict:
     """Read and window one record; every failure becomes a quarantine line instead of an exception."""
     try:
-        record = reader(source).read_record(Path(root), key)
+        record = reader(source).read_record(Path(root), key, **(reader_options or {}))
         table, quarantine = record_to_table(record, config)
     except RecordError as exc:
         return {"key": key, "table": SHARD_SCHEMA.empty_table(), "quarantine": [_line(source, key, exc)],

@@ -70,7 +70,7 @@ def read_windows(uris: list[str], *, split: str | None = None, min_quality: floa
     from ray.data.expressions import col, lit
 
     filesystem, paths = shard_paths(uris)
-    dataset = ray.data.read_parquet(paths, filesystem=filesystem, columns=columns or READ_COLUMNS)
+    dataset = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(columns or READ_COLUMNS)
     if split is not None and split != "all":
         dataset = dataset.filter(expr=col("split") == lit(split))
     if min_quality > 0:
@@ -78,18 +78,21 @@ def read_windows(uris: list[str], *, split: str | None = None, min_quality: floa
     return dataset
 
 
-def _batch_seed(table: pa.Table, seed: int) -> int:
-    """A seed from the batch's content, so augmentation is reproducible whatever order blocks arrive in."""
-    first = table.column("window_id")[0].as_py() if len(table) else ""
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{first}".encode(), digest_size=8).digest(), "big") >> 1
+def window_seeds(window_ids: list[str], seed: int) -> list[int]:
+    """One seed per window from its id, so augmentation is the same however Ray Data groups rows."""
+    return [int.from_bytes(hashlib.blake2b(f"{seed}:{w}".encode(), digest_size=8).digest(), "big") >> 1
+            for w in window_ids]
 
 
 def convert_block(table: pa.Table, *, augment: AugmentConfig | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """Arrow rows -> model-space numpy batch (optionally augmented). Runs inside `map_batches`."""
     batch = table_to_batch(table)
-    if augment is not None and augment.enabled and len(table):
-        batch = augment_batch(batch, augment, seed=_batch_seed(table, seed))
-    return batch
+    if augment is None or not augment.enabled or not len(table):
+        return batch
+    # Per window, not per block: Ray Data's block boundaries differ between runs.
+    seeds = window_seeds(table.column("window_id").to_pylist(), seed)
+    rows = [augment_batch({k: v[i : i + 1] for k, v in batch.items()}, augment, seed=s) for i, s in enumerate(seeds)]
+    return {key: np.concatenate([row[key] for row in rows]) for key in batch}
 
 
 def model_space_dataset(config: LoaderConfig, *, split: str, training: bool):

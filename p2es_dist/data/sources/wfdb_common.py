@@ -8,6 +8,9 @@ is unknown; Frank leads (`vx`, `vy`, `vz`) are skipped. PPG is `PLETH`/`Pleth`/`
 Multi-rate records (`samps_per_frame` > 1) are read unsmoothed, each signal at its own rate. The ECG
 keeps the leads at the highest ECG rate (the others are dropped); PPG keeps its own rate in
 `Record.ppg_fs`. Nothing is resampled here: preprocessing does that for every source.
+
+Before wfdb reads a record, each signal file's size is checked against the header's sample count, so
+a `.dat`/`.mat` cut short, or a header whose sample count lies, ends as a RecordError that says so.
 """
 
 from __future__ import annotations
@@ -147,9 +150,9 @@ def check_signal_files(header: wfdb.Record, directory: Path) -> None:
             )
 
 
-def read_wfdb(path: Path) -> wfdb.Record:
-    """A checked `wfdb.rdrecord` with physical signals: multi-segment records merged (m2s),
-    multi-rate records unsmoothed (`e_p_signal`), failures as RecordError with a reason."""
+def read_wfdb(path: Path, *, physical: bool = True) -> wfdb.Record:
+    """A checked `wfdb.rdrecord`: multi-segment records merged (m2s), multi-rate records unsmoothed
+    (`e_p_signal`), failures as RecordError with a reason. `physical=False` keeps digital samples."""
     path = Path(path)
     header = read_header(path)
     multi_segment = isinstance(header, wfdb.MultiRecord)
@@ -165,8 +168,8 @@ def read_wfdb(path: Path) -> wfdb.Record:
         smooth = all((n or 1) == 1 for n in (header.samps_per_frame or []))
     try:
         if multi_segment:
-            return wfdb.rdrecord(str(path), m2s=True)
-        return wfdb.rdrecord(str(path), smooth_frames=smooth)
+            return wfdb.rdrecord(str(path), m2s=True, physical=physical)
+        return wfdb.rdrecord(str(path), smooth_frames=smooth, physical=physical)
     except Exception as exc:  # wfdb's own errors ("cannot reshape array ...") say little; keep them
         raise RecordError(f"{path.name}: wfdb could not read the signals ({type(exc).__name__}: {exc})") from None
 
@@ -189,13 +192,22 @@ def channels(rec: wfdb.Record) -> list[Channel]:
                 for n, u, k, v in zip(names, units, spf, rec.e_p_signal, strict=True)]
     if rec.p_signal is None:
         return []
-    signal = np.asarray(rec.p_signal, dtype=np.float32)
-    return [Channel(n, u, float(rec.fs), signal[:, i]) for i, (n, u) in enumerate(zip(names, units, strict=True))]
+    signal = np.asarray(rec.p_signal, dtype=np.float32).T  # one contiguous row per signal
+    return [Channel(n, u, float(rec.fs), np.ascontiguousarray(signal[i]))
+            for i, (n, u) in enumerate(zip(names, units, strict=True))]
 
 
-def pick_signals(chans: Sequence[Channel], *, context: str) -> tuple[dict[str, np.ndarray], float, str,
-                                                                     np.ndarray | None, float | None]:
-    """(ecg by canonical lead in mV, ecg fs, ecg units, ppg, ppg fs) from named channels.
+@dataclass
+class Signals:
+    ecg: dict[str, np.ndarray]  # canonical lead -> samples, in `ecg_units`, canonical lead order
+    fs: float  # rate of the ECG (of the PPG when there is no ECG)
+    ecg_units: str
+    ppg: np.ndarray | None
+    ppg_fs: float | None  # only when the PPG rate differs from `fs`
+
+
+def pick_signals(chans: Sequence[Channel], *, context: str) -> Signals:
+    """ECG leads (in mV) and PPG picked by name from a record's channels.
 
     The first channel per lead wins; all-NaN channels carry nothing and are dropped. Leads whose units
     are not a voltage are kept (as `au`) only when no lead has voltage units.
@@ -215,19 +227,21 @@ def pick_signals(chans: Sequence[Channel], *, context: str) -> tuple[dict[str, n
         raise RecordError(f"{context}: no usable ECG lead or PPG among its signals ({names})")
 
     in_volts = {lead: chan for lead, chan in leads.items() if mv_factor(chan.units) is not None}
-    units = "mV" if in_volts else "au"
     kept = in_volts or leads
+    fs = max((chan.fs for chan in kept.values()), default=ppg.fs if ppg is not None else 0.0)
     ecg: dict[str, np.ndarray] = {}
-    ecg_fs = max((chan.fs for chan in kept.values()), default=ppg.fs if ppg is not None else 0.0)
     for lead in sorted(kept, key=LEAD_INDEX.__getitem__):
         chan = kept[lead]
-        if chan.fs == ecg_fs:
+        if chan.fs == fs:  # multi-rate ECG: keep the leads at the highest rate
             factor = mv_factor(chan.units) if in_volts else 1.0
             ecg[lead] = chan.values * np.float32(factor) if factor != 1.0 else chan.values
-    if ppg is None:
-        return ecg, ecg_fs, units, None, None
-    ppg_fs = None if ppg.fs == ecg_fs else ppg.fs
-    return ecg, ecg_fs, units, ppg.values, ppg_fs
+    return Signals(
+        ecg=ecg,
+        fs=fs,
+        ecg_units="mV" if in_volts or not leads else "au",
+        ppg=None if ppg is None else ppg.values,
+        ppg_fs=None if ppg is None or ppg.fs == fs else ppg.fs,
+    )
 
 
 def to_record(
@@ -242,10 +256,10 @@ def to_record(
     split: str | None = None,
 ) -> Record:
     """Our Record from a wfdb.Record read by `read_wfdb`."""
-    ecg, fs, units, ppg, ppg_fs = pick_signals(channels(rec), context=key)
+    signals = pick_signals(channels(rec), context=key)
     return Record(
-        source=source, record=key, subject_id=subject_id, fs=fs, ecg=ecg, ppg=ppg, ppg_fs=ppg_fs,
-        age=age, sex=sex, labels=list(labels), split=split, ecg_units=units,
+        source=source, record=key, subject_id=subject_id, fs=signals.fs, ecg=signals.ecg, ppg=signals.ppg,
+        ppg_fs=signals.ppg_fs, age=age, sex=sex, labels=list(labels), split=split, ecg_units=signals.ecg_units,
     )
 
 

@@ -1,0 +1,72 @@
+"""Ray Data loader: manifests, split filter, model space, augmentation determinism, never `test`."""
+
+import numpy as np
+import pytest
+import torch
+
+from p2es_dist.data.augment import AugmentConfig
+from p2es_dist.data.ingest import run_ingest
+from p2es_dist.data.loader import LoaderConfig, model_space_dataset, torch_batches, training_datasets
+from p2es_dist.errors import UserError
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def synthetic_shards(ray_local, tmp_path_factory):
+    output = str(tmp_path_factory.mktemp("loader") / "syn")
+    run_ingest("synthetic", None, output, {"ingest": {"shard_rows": 200}, "synthetic": {"n_windows": 600, "seed": 1}})
+    return output
+
+
+def _collect(dataset):
+    return [batch for batch in dataset.iter_batches(batch_size=None, batch_format="numpy")]
+
+
+def test_split_filter_and_model_space(synthetic_shards):
+    config = LoaderConfig(uris=[synthetic_shards], augment=AugmentConfig(enabled=False))
+    counts = {}
+    for split in ("train", "val", "test"):
+        batches = _collect(model_space_dataset(config, split=split, training=False))
+        counts[split] = sum(len(b["ecg"]) for b in batches)
+        for b in batches:
+            assert b["ecg"].shape[1:] == (12, 1024) and b["ecg"].dtype == np.float32
+            assert np.abs(b["ecg"]).max() <= 1.0 + 1e-6 and np.abs(b["ppg"]).max() <= 1.0 + 1e-6
+    assert sum(counts.values()) == 600 and counts["train"] > counts["val"] > 0
+
+
+def test_training_datasets_never_include_test(synthetic_shards):
+    config = LoaderConfig(uris=[synthetic_shards])
+    assert set(training_datasets(config)) == {"train", "val"}
+    with pytest.raises(ValueError, match="test split"):
+        training_datasets(config, splits=("train", "test"))
+
+
+def test_torch_batches_and_augmentation_are_deterministic(synthetic_shards):
+    config = LoaderConfig(uris=[synthetic_shards], batch_size=16, shuffle_buffer=64, seed=5)
+    runs = []
+    for _ in range(2):
+        dataset = model_space_dataset(config, split="train", training=True)
+        runs.append(list(torch_batches(dataset, config, training=True)))
+    assert len(runs[0]) == len(runs[1]) > 0
+    first = runs[0][0]
+    assert isinstance(first["ecg"], torch.Tensor) and first["ecg"].shape == (16, 12, 1024)
+    assert set(first) >= {"ppg", "ppg_mask", "ecg", "ecg_mask", "age", "sex", "labels", "subject"}
+    total = [sum(float(b["ecg"].abs().sum()) for b in run) for run in runs]
+    assert total[0] == pytest.approx(total[1], rel=1e-6)
+
+
+def test_augmentation_changes_training_batches_only(synthetic_shards):
+    plain = LoaderConfig(uris=[synthetic_shards], augment=AugmentConfig(enabled=False))
+    augmented = LoaderConfig(uris=[synthetic_shards], augment=AugmentConfig(star_p=1.0, amp_scale_p=1.0))
+    a = np.concatenate([b["ppg"] for b in _collect(model_space_dataset(plain, split="train", training=True))])
+    b = np.concatenate([b["ppg"] for b in _collect(model_space_dataset(augmented, split="train", training=True))])
+    c = np.concatenate([b["ppg"] for b in _collect(model_space_dataset(augmented, split="val", training=False))])
+    d = np.concatenate([b["ppg"] for b in _collect(model_space_dataset(plain, split="val", training=False))])
+    assert a.shape == b.shape and not np.allclose(np.sort(a.ravel()), np.sort(b.ravel()))
+    np.testing.assert_array_equal(np.sort(c.ravel()), np.sort(d.ravel()))
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no manifest.json"):
+        model_space_dataset(LoaderConfig(uris=[str(tmp_path)]), split="train", training=False)
