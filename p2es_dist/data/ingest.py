@@ -34,7 +34,7 @@ from p2es_dist.config import from_dict, section, to_dict
 from p2es_dist.constants import FS, SCHEMA_VERSION, SPLITS, WINDOW
 from p2es_dist.data.ingest_core import ingest_record
 from p2es_dist.data.preprocess import PreprocessConfig
-from p2es_dist.data.sources import SOURCES, reader
+from p2es_dist.data.sources import RECORDS_PER_TASK, SOURCES, reader
 from p2es_dist.errors import UserError
 from p2es_dist.storage import uri as uri_lib
 
@@ -45,12 +45,12 @@ log = logging.getLogger("p2es.ingest")
 class IngestConfig:
     shard_rows: int = 2048  # ~55 MB of float16 signals per shard before compression
     row_group_rows: int = 256  # what one streaming read pulls at a time
-    records_per_task: int = 4
+    records_per_task: int | None = None  # default: sources.RECORDS_PER_TASK for the source
     compression: str = "zstd"
     max_in_flight: int = 8  # tasks submitted ahead of completion (bounds driver memory)
 
     def __post_init__(self) -> None:
-        if self.shard_rows < 1 or self.row_group_rows < 1 or self.records_per_task < 1:
+        if self.shard_rows < 1 or self.row_group_rows < 1 or (self.records_per_task or 1) < 1:
             raise ValueError("shard_rows, row_group_rows and records_per_task must be >= 1")
 
 
@@ -90,7 +90,7 @@ def plan_ingest(source: str, input_uri: str | None, output_uri: str, config: dic
         input_uri = str(root)
         reader_options = section(config, source)
         keys = _call_reader(source, "list_records", root, options=reader_options)
-        per_task = ingest.records_per_task
+        per_task = ingest.records_per_task or RECORDS_PER_TASK[source]
         tasks = [keys[i : i + per_task] for i in range(0, len(keys), per_task)]
     identity = {"source": source, "input": input_uri, "preprocess": to_dict(preprocess),
                 "shard_rows": ingest.shard_rows, "reader": reader_options,

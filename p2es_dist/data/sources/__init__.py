@@ -25,6 +25,11 @@ READERS = {
 }
 SOURCES = (*READERS, "synthetic")
 
+# Records per ingest task, so that a task fills shards of useful size: 10-s ECG corpora give one
+# window per record, long paired recordings give a hundred. Fixed per source (never derived from the
+# cluster size), so a resumed ingest finds the same task boundaries.
+RECORDS_PER_TASK = {"bidmc": 8, "wfdb": 4, "mimic3wdb": 8, "ptbxl": 256, "ludb": 256, "cinc": 256, "code15": 1024}
+
 
 def reader(source: str) -> ModuleType:
     """The reader module of a record-based source."""

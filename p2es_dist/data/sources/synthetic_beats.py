@@ -22,7 +22,7 @@ while the cost stays two Gaussians per wave per sample, whatever the heart rate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 
 import numpy as np
@@ -38,20 +38,27 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 
 
 def _splitmix(x: np.ndarray) -> np.ndarray:
+    """The SplitMix64 finaliser (Steele et al. 2014): a bijection on uint64 with full avalanche."""
     x = (x ^ (x >> np.uint64(30))) * _MIX1
     x = (x ^ (x >> np.uint64(27))) * _MIX2
     return x ^ (x >> np.uint64(31))
 
 
+def _combine(state: np.ndarray, values: np.ndarray | int, level: int) -> np.ndarray:
+    """Hash `values` into `state`: a SplitMix64 step keyed by the level, so no two levels can cancel."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
+        return _splitmix(state + (np.asarray(values).astype(np.uint64) + np.uint64(level)) * _GOLDEN)
+
+
 def counter_key(seed: int, stream: int, ids: np.ndarray) -> np.ndarray:
     """uint64 keys for (seed, stream, id); feed them to `counter_uniform`."""
-    base = _splitmix(np.asarray([seed * 1_000_003 + stream], dtype=np.uint64) * _GOLDEN)
-    return _splitmix(base ^ (np.asarray(ids).astype(np.uint64) * _GOLDEN))
+    state = _combine(np.uint64(0x2545F4914F6CDD1D), seed, 1)
+    return _combine(_combine(state, stream, 2), ids, 3)
 
 
 def counter_uniform(keys: np.ndarray, counter: np.ndarray | int = 0) -> np.ndarray:
     """Uniform [0, 1) float64 from uint64 keys and an integer counter (broadcast together)."""
-    mixed = _splitmix(keys ^ _splitmix(np.asarray(counter).astype(np.uint64) + _GOLDEN))
+    mixed = _combine(keys, counter, 4)
     return (mixed >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
 
 
@@ -63,8 +70,8 @@ def counter_normal(keys: np.ndarray, counter: np.ndarray | int = 0) -> np.ndarra
 
 
 # --- the heart vector and the leads
-# Dower's transform from Frank X, Y, Z (mV) to I, II, V1-V6 (Dower et al. 1980; the form used by
-# Edenbrandt & Pahlm 1988). Rows: I, II, V1, V2, V3, V4, V5, V6.
+# Dower's transform from Frank X, Y, Z (mV) to I, II, V1-V6 (Dower, Machado & Osborne 1980).
+# Rows: I, II, V1, V2, V3, V4, V5, V6.
 DOWER = np.array(
     [
         [0.632, -0.235, 0.059],
@@ -84,7 +91,6 @@ INDEPENDENT_LEADS = np.array([0, 1, 6, 7, 8, 9, 10, 11])  # I, II, V1-V6 in `con
 # are not beat-locked but share the projection so every lead sees them consistently.
 WAVES = ("P", "Q", "R", "S", "R2", "ST", "T", "F", "W")
 N_WAVES = len(WAVES)
-_QRS_WAVES = slice(1, 5)  # Q, R, S, R2: fixed offset and width per window
 
 
 @dataclass
@@ -124,6 +130,10 @@ class Physiology:
     ppg_noise: np.ndarray
     noise_offset: np.ndarray  # int64 offset into the noise bank
 
+    def rows(self, index: slice | np.ndarray) -> Physiology:
+        """The same parameters for a subset of the windows."""
+        return Physiology(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
 
 # --- beat times
 def _rate_terms(p: Physiology) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -152,21 +162,24 @@ def beat_times(p: Physiology, *, before_s: float = 3.0, after_s: float = 0.8) ->
 
     Covers [-before_s, window + after_s]; beats past the end are kept (they are simply never reached).
     """
-    n = len(p.t0)
     span = WINDOW / FS + before_s + after_s
     top_rate = p.rate * (1 + p.rsa + p.mayer + p.drift)
     n_beats = int(np.ceil(top_rate.max(initial=1.0) * span / (1 - 0.5 * p.jitter.max(initial=0.0)))) + 3
     first, _ = _phase(p, p.t0 - before_s)
     k = np.floor(first)[:, None] + np.arange(-1, n_beats - 1)  # one extra beat before, for the first RR
-    t = (k - p.phase0[:, None]) / p.rate[:, None]
+    # Newton from the tangent at the window centre: the slow drift is then already accounted for and the
+    # phase is smooth and monotonic, so three steps leave < 1e-6 beats (well under a microsecond).
+    t_ref = p.t0 + 0.5 * WINDOW / FS
+    phase_ref, rate_ref = _phase(p, t_ref)
+    t = t_ref[:, None] + (k - phase_ref[:, None]) / rate_ref[:, None]
     rows = (slice(None), None)
-    for _ in range(8):  # Newton: the phase is smooth and monotonic; converges to ~1e-12 s
+    for _ in range(3):
         phase, rate = _phase(p, t, rows)
         t -= (phase - k) / rate
     jitter = counter_uniform(p.beat_key[:, None], k.astype(np.int64)) - 0.5
     t += (p.jitter / p.rate)[:, None] * jitter
     rr = np.diff(t, axis=1)
-    return t[:, 1:] - p.t0[:, None], rr.reshape(n, -1)
+    return t[:, 1:] - p.t0[:, None], rr
 
 
 def _territory(onsets: np.ndarray) -> np.ndarray:
@@ -189,23 +202,19 @@ class _Gather:
         self.shape = index.shape
 
     def __call__(self, values: np.ndarray, which: str) -> np.ndarray:
-        flat = values.astype(np.float32, copy=False).ravel()
-        return flat[getattr(self, which)].reshape(self.shape)
+        """(n, L) float32 from per-beat `values` (n, B); `which` is "current" or "previous"."""
+        return values.astype(np.float32, copy=False).ravel()[getattr(self, which)].reshape(self.shape)
 
 
-def _add_gaussian(out: np.ndarray, tau: np.ndarray, centre, inv_width, scratch: np.ndarray, scale=None) -> None:
-    """out += scale * exp(-((tau - centre) * inv_width)**2), in place on float32 buffers."""
+def _add_gaussian(out: np.ndarray, tau: np.ndarray, centre, width, scratch: np.ndarray, scale=None) -> None:
+    """out += scale * exp(-(tau - centre)**2 / (2 width**2)), in place on float32 (n, L) buffers."""
     np.subtract(tau, centre, out=scratch)
-    np.multiply(scratch, inv_width, out=scratch)
     np.square(scratch, out=scratch)
-    np.negative(scratch, out=scratch)
+    np.multiply(scratch, np.float32(-0.5) / np.square(width, dtype=np.float32), out=scratch)
     np.exp(scratch, out=scratch)
     if scale is not None:
         np.multiply(scratch, scale, out=scratch)
     np.add(out, scratch, out=out)
-
-
-_SQRT_HALF = np.float32(np.sqrt(0.5))  # exp(-x^2/2) == exp(-(x*sqrt(1/2))^2)
 
 
 @lru_cache(maxsize=4)
@@ -216,90 +225,123 @@ def _noise_bank(seed: int, size: int = 1 << 20) -> np.ndarray:
 
 
 def _noise(seed: int, offsets: np.ndarray) -> np.ndarray:
+    """White noise windows; consecutive windows of a subject (offset + WINDOW) continue each other."""
     bank = _noise_bank(seed)
     return bank[np.mod(offsets, bank.shape[0])]
 
 
+def _column(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)[:, None]
+
+
 # --- rendering
-def render(p: Physiology, *, seed: int) -> dict[str, np.ndarray]:
-    """`ecg` (n, 12, L) mV, `ppg` (n, L) au, `r_peaks` (n, B) seconds (NaN outside the window), `hr` (n,) bpm."""
+def render(p: Physiology, *, seed: int, ecg_out: np.ndarray | None = None,
+           ppg_out: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """`ecg` (n, 12, L) mV, `ppg` (n, L) au, `r_peaks` (n, B) seconds (NaN outside the window), `hr` (n,) bpm.
+
+    `ecg_out` / `ppg_out` are float32 buffers to render into (e.g. slices of a whole chunk's arrays).
+    """
     n = len(p.t0)
     beats, rr = beat_times(p)
-    n_beats = beats.shape[1]
     ts = (np.arange(WINDOW, dtype=np.float32) / FS)[None, :]
-    resp = np.sin((2 * np.pi * p.resp_freq)[:, None].astype(np.float32) * ts
-                  + np.mod(2 * np.pi * p.resp_freq * p.t0 + p.resp_phase, 2 * np.pi)[:, None].astype(np.float32))
+    resp_phase = np.mod(2 * np.pi * p.resp_freq * p.t0 + p.resp_phase, 2 * np.pi)
+    resp = np.sin(_column(2 * np.pi * p.resp_freq) * ts + _column(resp_phase))
 
-    # Bazett: QT scales with sqrt(RR); T ends at the end of QT, ST spans J point -> T peak.
-    qt = p.qtc[:, None] * np.sqrt(np.clip(rr, 0.3, 1.6))
-    t_width = 0.045 * (qt / 0.4) * p.t_width[:, None]
-    t_peak = qt - 0.04 - 2.0 * t_width
-    st_centre = 0.5 * (p.j_point[:, None] + t_peak)
-    st_width = np.maximum((t_peak - p.j_point[:, None]) / 2.5, 0.01)
-    # A beat's territory starts before its P wave, but never before the middle of the preceding RR.
-    onsets = beats - np.minimum(0.3, 0.5 * rr)
-    gather = _Gather(_territory(onsets), n_beats)
-
-    basis = np.zeros((n, N_WAVES, WINDOW), dtype=np.float32)
-    scratch = np.empty((n, WINDOW), dtype=np.float32)
-    tau = np.empty((n, WINDOW), dtype=np.float32)
-    col = lambda x: np.asarray(x, dtype=np.float32)[:, None]  # noqa: E731
-    p_centre, p_inv = col(-p.pr), col(_SQRT_HALF / 0.022)
-    qrs_centre = p.qrs_offset.astype(np.float32)
-    qrs_inv = (_SQRT_HALF / p.qrs_width).astype(np.float32)
-    for which in ("current", "previous"):
-        np.subtract(ts, gather(beats, which), out=tau)
-        _add_gaussian(basis[:, 0], tau, p_centre, p_inv, scratch)
-        for i in range(4):
-            _add_gaussian(basis[:, 1 + i], tau, qrs_centre[:, i : i + 1], qrs_inv[:, i : i + 1], scratch)
-        _add_gaussian(basis[:, 5], tau, gather(st_centre, which), _SQRT_HALF / gather(st_width, which), scratch)
-        _add_gaussian(basis[:, 6], tau, gather(t_peak, which), _SQRT_HALF / gather(t_width, which), scratch)
-    basis[:, 2] *= 1 + 0.05 * resp  # respiration moves the heart: QRS amplitude modulation
-    basis[:, 7] = np.sin(col(2 * np.pi * p.fwave_freq) * ts + col(p.fwave_phase) + 0.8 * resp)
-    basis[:, 8] = resp
+    basis = _render_waves(p, beats, rr, ts)
+    basis[:, WAVES.index("R")] *= 1 + 0.05 * resp  # respiration moves the heart: QRS amplitude modulation
+    fibrillating = np.flatnonzero(np.any(p.vectors[:, WAVES.index("F")] != 0, axis=1))
+    f_omega = 2 * np.pi * p.fwave_freq[fibrillating]
+    f_phase = np.mod(f_omega * p.t0[fibrillating] + p.fwave_phase[fibrillating], 2 * np.pi)
+    basis[fibrillating, WAVES.index("F")] = np.sin(_column(f_omega) * ts + _column(f_phase) + 0.8 * resp[fibrillating])
+    basis[:, WAVES.index("W")] = resp
 
     # Heart vectors -> Dower -> I, II, V1-V6 with electrode gains, then the four derived limb leads.
-    weights = np.einsum("lx,ncx->nlc", DOWER, p.vectors.astype(np.float32)) * p.lead_gain[:, :, None]
-    independent = np.matmul(weights.astype(np.float32), basis)
-    offsets = p.noise_offset[:, None] + 7919 * np.arange(N_LEADS - 4)[None, :]
-    independent += _noise(seed, offsets) * col(p.ecg_noise)[:, :, None]
-    ecg = np.empty((n, N_LEADS, WINDOW), dtype=np.float32)
-    ecg[:, INDEPENDENT_LEADS] = independent
+    ecg = np.empty((n, N_LEADS, WINDOW), dtype=np.float32) if ecg_out is None else ecg_out
+    weights = (np.einsum("lx,ncx->nlc", DOWER, p.vectors) * p.lead_gain[:, :, None]).astype(np.float32)
+    noise = _noise(seed, p.noise_offset[:, None] + 7919 * np.arange(len(INDEPENDENT_LEADS))[None, :])
+    noise *= _column(p.ecg_noise)[:, :, None]
+    for leads, rows in ((slice(0, 2), slice(0, 2)), (slice(6, 12), slice(2, 8))):  # I, II and V1-V6
+        np.matmul(weights[:, rows], basis, out=ecg[:, leads])
+        ecg[:, leads] += noise[:, rows]
     lead_i, lead_ii = ecg[:, 0], ecg[:, 1]
-    ecg[:, 2] = lead_ii - lead_i  # III
-    ecg[:, 3] = -(lead_i + lead_ii) / 2  # aVR
-    ecg[:, 4] = lead_i - lead_ii / 2  # aVL
-    ecg[:, 5] = lead_ii - lead_i / 2  # aVF
+    np.subtract(lead_ii, lead_i, out=ecg[:, 2])  # III = II - I
+    np.multiply(lead_i + lead_ii, np.float32(-0.5), out=ecg[:, 3])  # aVR = -(I + II) / 2
+    np.subtract(lead_i, lead_ii * np.float32(0.5), out=ecg[:, 4])  # aVL = I - II / 2
+    np.subtract(lead_ii, lead_i * np.float32(0.5), out=ecg[:, 5])  # aVF = II - I / 2
 
-    ppg = _render_ppg(p, beats, rr, ts, resp, tau, scratch)
-    ppg += _noise(seed, p.noise_offset + 104_729) * col(p.ppg_noise)
+    ppg = _render_ppg(p, beats, rr, ts, resp, out=ppg_out)
+    ppg += _noise(seed, p.noise_offset + 104_729) * _column(p.ppg_noise)
 
     in_window = (beats >= 0) & (beats < WINDOW / FS)
     r_peaks = np.where(in_window, beats, np.nan)
-    hr = 60.0 / np.nanmean(np.where(in_window, rr, np.nan), axis=1)
+    with np.errstate(invalid="ignore"):
+        hr = 60.0 / np.nanmean(np.where(in_window, rr, np.nan), axis=1)
     return {"ecg": ecg, "ppg": ppg, "r_peaks": r_peaks, "hr": hr.astype(np.float32)}
 
 
+def _render_waves(p: Physiology, beats: np.ndarray, rr: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """(n, N_WAVES, L) unit-amplitude wave trains; F and W are left for the caller."""
+    n = len(p.t0)
+    # A beat's territory starts before its P wave, but never before the middle of the preceding RR, so
+    # only its ST and T can reach into the next territory.
+    gather = _Gather(_territory(beats - np.minimum(0.3, 0.5 * rr)), beats.shape[1])
+    # Bazett: QT scales with sqrt(RR); T ends where QT does (QRS onset ~40 ms before R), ST spans J -> T peak.
+    qt = p.qtc[:, None] * np.sqrt(np.clip(rr, 0.3, 1.6))
+    t_width_per_qt = _column(0.045 / 0.4 * p.t_width)
+    j_point = _column(p.j_point)
+    injured = np.flatnonzero(np.any(p.vectors[:, WAVES.index("ST")] != 0, axis=1))
+    two_humped = np.flatnonzero(np.any(p.vectors[:, WAVES.index("R2")] != 0, axis=1))
+
+    basis = np.zeros((n, N_WAVES, WINDOW), dtype=np.float32)
+    tau = np.empty((n, WINDOW), dtype=np.float32)
+    scratch = np.empty((n, WINDOW), dtype=np.float32)
+    for which in ("current", "previous"):
+        np.subtract(ts, gather(beats, which), out=tau)
+        if which == "current":
+            _add_gaussian(basis[:, 0], tau, _column(-p.pr), np.float32(0.022), scratch)
+            for i in range(3):  # Q, R, S
+                _add_gaussian(basis[:, 1 + i], tau, _column(p.qrs_offset[:, i]), _column(p.qrs_width[:, i]), scratch)
+            r2_offset, r2_width = _column(p.qrs_offset[two_humped, 3]), _column(p.qrs_width[two_humped, 3])
+            _add_subset(basis, 4, two_humped, tau, r2_offset, r2_width)
+        qt_here = gather(qt, which)
+        t_width = qt_here * t_width_per_qt
+        t_peak = qt_here - 0.04 - 2.0 * t_width
+        _add_gaussian(basis[:, 6], tau, t_peak, t_width, scratch)
+        st_start, st_end = j_point[injured], t_peak[injured]
+        st_width = np.maximum((st_end - st_start) / 2.5, np.float32(0.01))
+        _add_subset(basis, 5, injured, tau, 0.5 * (st_start + st_end), st_width)
+    return basis
+
+
+def _add_subset(basis: np.ndarray, wave: int, rows: np.ndarray, tau: np.ndarray, centre, width) -> None:
+    """A wave only some windows have (R2, ST), computed on those `rows` alone; centre/width are theirs."""
+    if not len(rows):
+        return
+    part = basis[rows, wave]
+    _add_gaussian(part, tau[rows], centre, width, np.empty_like(part))
+    basis[rows, wave] = part
+
+
 def _render_ppg(p: Physiology, beats: np.ndarray, rr: np.ndarray, ts: np.ndarray, resp: np.ndarray,
-                tau: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+                out: np.ndarray | None = None) -> np.ndarray:
     """Systolic + diastolic Gaussian pulses after the pulse arrival time, with respiratory modulation."""
-    col = lambda x: np.asarray(x, dtype=np.float32)[:, None]  # noqa: E731
     arrivals = beats + p.pat[:, None]
-    # A longer preceding RR fills the ventricle more: stroke volume (pulse amplitude) and ejection time grow
-    # with it (strongly so in AF, where RR varies a lot from beat to beat).
-    relative_rr = np.clip(rr * p.rate[:, None], 0.4, 1.8)
-    amplitude = relative_rr**0.8
-    stretch = np.sqrt(np.clip(rr, 0.3, 1.4) / 0.85)
-    onsets = arrivals - np.minimum(0.3, 0.5 * rr)
-    gather = _Gather(_territory(onsets), beats.shape[1])
-    ppg = np.zeros_like(tau)
-    sys_inv, dia_inv = col(_SQRT_HALF / p.sys_width), col(_SQRT_HALF / p.dia_width)
+    # A longer preceding RR fills the ventricle more: stroke volume (pulse amplitude) grows with it, a lot
+    # in AF where RR varies from beat to beat. Short beats also eject faster: a narrower pulse.
+    amplitude = np.clip(rr * p.rate[:, None], 0.4, 1.8) ** 0.8
+    inverse_stretch = np.sqrt(0.85 / np.clip(rr, 0.3, 1.4))
+    gather = _Gather(_territory(arrivals - np.minimum(0.3, 0.5 * rr)), beats.shape[1])
+    ppg = np.zeros((len(p.t0), WINDOW), dtype=np.float32) if out is None else out
+    ppg[...] = 0.0
+    tau = np.empty_like(ppg)
+    scratch = np.empty_like(ppg)
     for which in ("current", "previous"):
         np.subtract(ts, gather(arrivals, which), out=tau)
-        stretch_b, amp_b = gather(stretch, which), gather(amplitude, which)
-        np.divide(tau, stretch_b, out=tau)  # shorter beats: narrower pulse, earlier diastolic wave
-        _add_gaussian(ppg, tau, 0.0, sys_inv, scratch, scale=amp_b)
-        _add_gaussian(ppg, tau, col(p.dia_delay), dia_inv, scratch, scale=amp_b * col(p.dia_ratio))
+        np.multiply(tau, gather(inverse_stretch, which), out=tau)
+        amp = gather(amplitude, which)
+        _add_gaussian(ppg, tau, np.float32(0.0), _column(p.sys_width), scratch, scale=amp)
+        _add_gaussian(ppg, tau, _column(p.dia_delay), _column(p.dia_width), scratch,
+                      scale=amp * _column(p.dia_ratio))
     ppg *= 1 + 0.08 * resp
-    ppg += col(p.ppg_resp) * resp
+    ppg += _column(p.ppg_resp) * resp
     return ppg
