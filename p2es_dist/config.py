@@ -46,8 +46,8 @@ def packaged_config_path(name: str) -> Path:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a packaged config may be named without its folder."""
     candidate = Path(path)
-    if not candidate.exists() and not candidate.parent.name:
-        candidate = packaged_config_path(str(path))
+    if not candidate.exists() and not candidate.is_absolute():
+        candidate = packaged_config_path(str(path))  # `smoke`, `models/p2es`: shipped in the package
     if not candidate.exists():
         raise ConfigError(f"{path}: config file not found")
     try:

@@ -30,7 +30,7 @@ def test_split_filter_and_model_space(synthetic_shards):
         batches = _collect(model_space_dataset(config, split=split, training=False))
         counts[split] = sum(len(b["ecg"]) for b in batches)
         for b in batches:
-            assert b["ecg"].shape[1:] == (12, 1024) and b["ecg"].dtype == np.float32
+            assert b["ecg"].shape[1:] == (12, 1024) and b["ecg"].dtype == np.float16  # widened by torch_batches
             assert np.abs(b["ecg"]).max() <= 1.0 + 1e-6 and np.abs(b["ppg"]).max() <= 1.0 + 1e-6
     assert sum(counts.values()) == 600 and counts["train"] > counts["val"] > 0
 
@@ -51,6 +51,7 @@ def test_torch_batches_and_augmentation_are_deterministic(synthetic_shards):
     assert len(runs[0]) == len(runs[1]) > 0
     first = runs[0][0]
     assert isinstance(first["ecg"], torch.Tensor) and first["ecg"].shape == (16, 12, 1024)
+    assert first["ecg"].dtype == torch.float32 and first["ecg_mask"].dtype == torch.bool
     assert set(first) >= {"ppg", "ppg_mask", "ecg", "ecg_mask", "age", "sex", "labels", "subject"}
     total = [sum(float(b["ecg"].abs().sum()) for b in run) for run in runs]
     assert total[0] == pytest.approx(total[1], rel=1e-6)

@@ -35,13 +35,12 @@ def pyarrow_pass(uris: list[str], batch_size: int, max_windows: int) -> int:
 
 def ray_pass(uris: list[str], batch_size: int, max_windows: int) -> int:
     from p2es_dist.data.augment import AugmentConfig
-    from p2es_dist.data.loader import LoaderConfig, model_space_dataset
+    from p2es_dist.data.loader import LoaderConfig, model_space_dataset, torch_batches
 
-    config = LoaderConfig(uris=uris, batch_size=batch_size, block_rows=batch_size,
-                          augment=AugmentConfig(enabled=False))
+    config = LoaderConfig(uris=uris, batch_size=batch_size, augment=AugmentConfig(enabled=False))
     dataset = model_space_dataset(config, split="all", training=False)
     windows = 0
-    for batch in dataset.iter_torch_batches(batch_size=batch_size, device="cpu"):
+    for batch in torch_batches(dataset, config, training=False):
         windows += len(batch["ecg"])
         if windows >= max_windows:
             break

@@ -39,6 +39,7 @@ from p2es_dist.errors import UserError
 from p2es_dist.storage import uri as uri_lib
 
 log = logging.getLogger("p2es.ingest")
+DICTIONARY_COLUMNS = ["source", "record", "subject_id", "split"]
 
 
 @dataclass
@@ -46,7 +47,7 @@ class IngestConfig:
     shard_rows: int = 2048  # ~55 MB of float16 signals per shard before compression
     row_group_rows: int = 256  # what one streaming read pulls at a time
     records_per_task: int | None = None  # default: sources.RECORDS_PER_TASK for the source
-    compression: str = "zstd"
+    compression: str = "lz4"  # decodes ~1.5x faster than zstd for ~10 % more bytes
     max_in_flight: int = 8  # tasks submitted ahead of completion (bounds driver memory)
 
     def __post_init__(self) -> None:
@@ -116,8 +117,9 @@ def _write_shards(table: pa.Table, plan: IngestPlan, task_id: int) -> list[dict]
     for part, offset in enumerate(range(0, table.num_rows, plan.ingest.shard_rows)):
         chunk = table.slice(offset, plan.ingest.shard_rows)
         buffer = io.BytesIO()
+        # Dictionary-encoding float16 signal lists costs 6x in decode speed and saves nothing.
         pq.write_table(chunk, buffer, row_group_size=plan.ingest.row_group_rows,
-                       compression=plan.ingest.compression)
+                       compression=plan.ingest.compression, use_dictionary=DICTIONARY_COLUMNS)
         data = buffer.getvalue()
         relative = f"shards/{plan.fingerprint}-t{task_id:06d}-p{part:03d}.parquet"
         uri_lib.write_bytes_atomic(uri_lib.join(plan.output_uri, relative), data)

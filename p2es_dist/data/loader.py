@@ -27,6 +27,8 @@ from p2es_dist.data.batches import table_to_batch
 from p2es_dist.errors import UserError
 from p2es_dist.storage import uri as uri_lib
 
+TRANSPORT_FLOAT16 = ("ecg", "ppg")
+
 # Columns a model batch needs; `window_id` only seeds augmentation and is dropped after conversion.
 READ_COLUMNS = ["window_id", "split", "subject_id", "ppg", "ecg", "ecg_mask", "age", "sex", "labels", "quality"]
 
@@ -38,7 +40,8 @@ class LoaderConfig:
     shuffle_buffer: int = 1024  # local shuffle buffer of training batches (0 turns it off)
     seed: int = 0
     min_quality: float = 0.0
-    block_rows: int = 256  # rows per conversion call (one Parquet row group)
+    block_rows: int | None = None  # rows per conversion call; None: whole blocks, which lets Ray fuse it into the read
+    prefetch_batches: int = 4
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -85,14 +88,21 @@ def window_seeds(window_ids: list[str], seed: int) -> list[int]:
 
 
 def convert_block(table: pa.Table, *, augment: AugmentConfig | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Arrow rows -> model-space numpy batch (optionally augmented). Runs inside `map_batches`."""
+    """Arrow rows -> model-space numpy batch (optionally augmented). Runs inside `map_batches`.
+
+    Signals leave as float16, the precision the shards store them in: half the bytes through Ray's
+    object store. `torch_batches` widens them to float32 on the consumer.
+    """
     batch = table_to_batch(table)
-    if augment is None or not augment.enabled or not len(table):
-        return batch
-    # Per window, not per block: Ray Data's block boundaries differ between runs.
-    seeds = window_seeds(table.column("window_id").to_pylist(), seed)
-    rows = [augment_batch({k: v[i : i + 1] for k, v in batch.items()}, augment, seed=s) for i, s in enumerate(seeds)]
-    return {key: np.concatenate([row[key] for row in rows]) for key in batch}
+    if augment is not None and augment.enabled and len(table):
+        # Per window, not per block: Ray Data's block boundaries differ between runs.
+        seeds = window_seeds(table.column("window_id").to_pylist(), seed)
+        rows = [augment_batch({k: v[i : i + 1] for k, v in batch.items()}, augment, seed=s)
+                for i, s in enumerate(seeds)]
+        batch = {key: np.concatenate([row[key] for row in rows]) for key in batch}
+    for key in TRANSPORT_FLOAT16:
+        batch[key] = batch[key].astype(np.float16)
+    return batch
 
 
 def model_space_dataset(config: LoaderConfig, *, split: str, training: bool):
@@ -116,8 +126,14 @@ def training_datasets(config: LoaderConfig, *, splits: tuple[str, ...] = ("train
 def torch_batches(shard, config: LoaderConfig, *, training: bool, epoch: int = 0) -> Iterator[dict]:
     """Iterate a Ray Data shard (`get_dataset_shard`) or Dataset as dicts of torch tensors."""
     shuffle = config.shuffle_buffer if training and config.shuffle_buffer > 0 else None
+    import torch
+
     return shard.iter_torch_batches(
         batch_size=config.batch_size,
+        dtypes={"ppg": torch.float32, "ecg": torch.float32, "ppg_mask": torch.bool, "ecg_mask": torch.bool,
+                "age": torch.float32, "sex": torch.int64, "labels": torch.float32, "subject": torch.int64,
+                "scale": torch.float32},
+        prefetch_batches=config.prefetch_batches,
         local_shuffle_buffer_size=shuffle,
         local_shuffle_seed=config.seed + epoch if shuffle else None,
         drop_last=training,

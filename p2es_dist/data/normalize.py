@@ -23,15 +23,17 @@ def ppg_to_model_space(ppg: np.ndarray, present: np.ndarray | None = None) -> np
 
 def ecg_scale(ecg: np.ndarray, ecg_mask: np.ndarray) -> np.ndarray:
     """(n,) one factor per window: max |x| over the recorded leads (1 when nothing is recorded)."""
-    peak = (np.abs(ecg) * ecg_mask[..., None]).max(axis=(-2, -1))
-    return np.where(peak > _EPS, peak, 1.0).astype(np.float32)
+    # max and -min instead of abs: no temporary copy of the whole block. Reduce first, then mask (n, 12).
+    peak_per_lead = np.maximum(ecg.max(axis=-1), -ecg.min(axis=-1))
+    peak = np.where(ecg_mask, peak_per_lead, 0).max(axis=-1).astype(np.float32)
+    return np.where(peak > _EPS, peak, np.float32(1.0))
 
 
 def ecg_to_model_space(ecg: np.ndarray, ecg_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(n, 12, L) -> (model-space ECG with absent leads zeroed, the (n,) scale that undoes it)."""
     scale = ecg_scale(ecg, ecg_mask)
-    scaled = ecg / scale[:, None, None] * ecg_mask[..., None]
-    return scaled.astype(np.float32), scale
+    factor = (ecg_mask / scale[:, None]).astype(np.float32)
+    return np.multiply(ecg, factor[..., None], dtype=np.float32), scale
 
 
 def minmax_per_lead(ecg: np.ndarray) -> np.ndarray:

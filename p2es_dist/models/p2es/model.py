@@ -1,0 +1,199 @@
+"""`P2Es`: the demographic-aware dual-domain diffusion teacher (PPG and/or leads -> 12-lead ECG)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from p2es_dist.constants import N_LEADS, WINDOW
+from p2es_dist.models.base import Batch, TranslationModel, condition_leads
+from p2es_dist.models.leads import N_INDEPENDENT, expand_leads, independent_from_recorded
+from p2es_dist.models.p2es.affinity import LeadAffinity
+from p2es_dist.models.p2es.conditioning import Conditioner, Context
+from p2es_dist.models.p2es.config import P2EsConfig
+from p2es_dist.models.p2es.network import TemporalMultiScaleGenerator
+from p2es_dist.models.p2es.schedule import DiffusionSchedule
+from p2es_dist.models.registry import register
+
+
+def masked_mse(prediction: Tensor, target: Tensor, recorded: Tensor) -> Tensor:
+    """Mean squared error over the samples of recorded (window, lead) pairs; graph-connected 0 if none.
+
+    `torch.where` rather than a product, so junk at unrecorded leads reaches neither value nor gradient.
+    """
+    per_pair = (prediction - target).square().mean(dim=-1)
+    per_pair = torch.where(recorded, per_pair, torch.zeros_like(per_pair))
+    return per_pair.sum() / recorded.sum().clamp_min(1)
+
+
+@register("p2es", P2EsConfig)
+class P2Es(TranslationModel):
+    """The P2Es teacher.
+
+    State. The diffusion runs on the generated leads: I, II, V1..V6 with `lead_physics` (the other four
+    derived exactly, `leads.expand_leads`), all 12 without. The network always sees x_t in 12-lead
+    layout, so lead mixing and the affinity matrices are 12x12 either way.
+
+    Training (`loss`). t ~ U{1..T}; x_0 on the generated leads is the least-squares fit to the recorded
+    leads (so II + aVR determine I; a lead nothing determines is 0 and, like every unrecorded lead, is
+    masked out of the loss). The loss is the MSE of x0 (or v) on recorded leads only, after expanding
+    the prediction to 12 leads, plus `contrastive_weight` x the affinity embedding's contrastive loss.
+    Unless the batch names `cond_leads`, a `cond_lead_prob` fraction of windows gets a random subset of
+    its recorded leads as input, so the same model answers `--condition II`.
+
+    Affinity initialisation. Call `init_affinity(batches)` once before training, on some training
+    batches (any iterable of Batch dicts; up to `max_windows` windows are read): it warms the
+    demographic embedding up contrastively, runs k-means for the prototypes and sets each prototype's
+    12x12 matrix to the mean lead correlation of the 12-lead windows in its cluster. It is
+    deterministic under `seed` and returns a JSON-friendly summary; with no 12-lead window it leaves the
+    matrices at the identity and says so. Skipping it is allowed: prototypes stay random and matrices
+    the identity until learned.
+
+    Sampling (`generate`). `sampler="ddim"`: deterministic, `steps` (default `sample_steps`, any <= T);
+    `sampler="ancestral"`: the posterior q(x_s | x_t, x0_hat) with fresh noise, all T steps by default.
+    Noise comes from a `torch.Generator` seeded with `seed`, so a call is reproducible; `n_samples`
+    draws are averaged (a point estimate) unless `return_samples=True`.
+    """
+
+    def __init__(self, *, config: P2EsConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or P2EsConfig()
+        self.out_leads = N_INDEPENDENT if config.lead_physics else N_LEADS
+        self.schedule = DiffusionSchedule(config=config, length=WINDOW)
+        self.conditioner = Conditioner(config=config, embed_dim=config.embed_dim)
+        self.affinity = LeadAffinity(config=config) if config.affinity else None
+        self.network = TemporalMultiScaleGenerator(
+            config=config,
+            cond_channels=config.cond_channels,
+            out_leads=self.out_leads,
+            length=WINDOW,
+            timesteps=config.timesteps,
+            inverse_blur_init=config.objective == "x0",
+        )
+        self.register_buffer("identity_affinity", torch.eye(N_LEADS), persistent=False)
+
+    # --- lead spaces ------------------------------------------------------------------------------
+    def to_12_leads(self, generated: Tensor) -> Tensor:
+        """(B, out_leads, L) -> (B, 12, L) in `constants.LEADS` order."""
+        return expand_leads(generated) if self.config.lead_physics else generated
+
+    def clean_state(self, ecg: Tensor, recorded: Tensor) -> Tensor:
+        """x_0 on the generated leads from a recorded ECG (unrecorded leads -> 0)."""
+        if self.config.lead_physics:
+            return independent_from_recorded(ecg, recorded)
+        return torch.where(recorded[:, :, None], ecg, torch.zeros_like(ecg))
+
+    # --- one network evaluation -------------------------------------------------------------------
+    def condition(self, batch: Batch, given_leads: Tensor) -> tuple[Context, Tensor, Tensor | None]:
+        """Context, per-window lead affinity (B, 12, 12) and the affinity embedding (None when off)."""
+        context = self.conditioner(batch, given_leads)
+        if self.affinity is None:
+            identity = self.identity_affinity.expand(len(given_leads), -1, -1)
+            return context, identity, None
+        affinity, embedding = self.affinity(batch)
+        return context, affinity, embedding
+
+    def predict(self, x_t: Tensor, t: Tensor, context: Context, affinity: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw network output (x0 or v, per `objective`) and the implied x0, both on the generated leads."""
+        output = self.network(
+            self.to_12_leads(x_t),
+            t,
+            self.schedule.damping(t),
+            context.seq,
+            context.vec,
+            affinity,
+            to_freq=self.schedule.to_freq,
+            to_time=self.schedule.to_time,
+        )
+        if self.config.objective == "x0":
+            return output, output
+        return output, self.schedule.x0_from_v(x_t, output, t)
+
+    # --- training ---------------------------------------------------------------------------------
+    def training_condition(self, batch: Batch) -> Tensor:
+        """(B, 12) bool: the leads a window sees as input during training."""
+        if "cond_leads" in batch or not self.config.condition_on_leads:
+            return condition_leads(batch)
+        recorded = batch["ecg_mask"].bool()
+        device = recorded.device
+        chosen = torch.rand(len(recorded), device=device) < self.config.cond_lead_prob
+        subset = torch.rand(recorded.shape, device=device) < 0.5
+        return recorded & subset & chosen[:, None]
+
+    def loss(self, batch: Batch, *, t: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Masked diffusion loss (+ contrastive). `t` (B,) overrides the uniform draw of timesteps."""
+        ecg, recorded = batch["ecg"].float(), batch["ecg_mask"].bool()
+        ecg = torch.where(recorded[:, :, None], ecg, torch.zeros_like(ecg))
+        batch_size = len(ecg)
+        if t is None:
+            t = torch.randint(1, self.config.timesteps + 1, (batch_size,), device=ecg.device)
+        x0 = self.clean_state(ecg, recorded)
+        eps = torch.randn_like(x0)
+        x_t = self.schedule.q_sample(x0, t, eps)
+        context, affinity, embedding = self.condition(batch, self.training_condition(batch))
+        output, x0_hat = self.predict(x_t, t, context, affinity)
+        x0_error = masked_mse(self.to_12_leads(x0_hat), ecg, recorded)
+        if self.config.objective == "x0":
+            diffusion = x0_error
+        else:
+            target = self.schedule.v_target(ecg, self.to_12_leads(eps), t)
+            diffusion = masked_mse(self.to_12_leads(output), target, recorded)
+        parts = {"diffusion": diffusion.detach(), "x0_mse": x0_error.detach()}
+        total = diffusion
+        if embedding is not None and self.config.contrastive_weight > 0:
+            contrastive = self.affinity.contrastive_loss(embedding, batch)
+            parts["contrastive"] = contrastive.detach()
+            total = total + self.config.contrastive_weight * contrastive
+        return total, parts
+
+    def init_affinity(self, batches: Iterable[Batch], *, seed: int = 0, max_windows: int = 4096) -> dict[str, Any]:
+        """Data-driven affinity initialisation (see the class docstring); call once before training."""
+        if self.affinity is None:
+            return {"initialised": False, "reason": "affinity is off (model.affinity: false)"}
+        return self.affinity.initialise(batches, seed=seed, max_windows=max_windows)
+
+    # --- sampling ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: Batch,
+        *,
+        seed: int = 0,
+        steps: int | None = None,
+        sampler: str | None = None,
+        n_samples: int = 1,
+        return_samples: bool = False,
+    ) -> Tensor:
+        """(B, 12, L) ECG in model space: the mean of `n_samples` draws, or all of them (n, B, 12, L)."""
+        sampler = sampler or self.config.sampler
+        if sampler not in ("ddim", "ancestral"):
+            raise ValueError(f"sampler must be 'ddim' or 'ancestral', got {sampler!r}")
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        if steps is None:
+            steps = self.config.sample_steps if sampler == "ddim" else self.config.timesteps
+        grid = self.schedule.sampling_timesteps(steps)
+        context, affinity, _ = self.condition(batch, condition_leads(batch))
+        batch_size, length = batch["ecg_mask"].shape[0], batch["ppg"].shape[-1]
+        device = batch["ppg"].device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        draws = []
+        for _ in range(n_samples):
+            x = torch.randn((batch_size, self.out_leads, length), generator=generator, device=device)
+            for t_now, t_next in zip(grid[:-1], grid[1:], strict=True):
+                t = torch.full((batch_size,), t_now, device=device, dtype=torch.long)
+                s = torch.full((batch_size,), t_next, device=device, dtype=torch.long)
+                _, x0_hat = self.predict(x, t, context, affinity)
+                if t_next == 0:
+                    x = x0_hat
+                elif sampler == "ddim":
+                    x = self.schedule.ddim_step(x, x0_hat, t, s)
+                else:
+                    noise = torch.randn(x.shape, generator=generator, device=device)
+                    x = self.schedule.ancestral_step(x, x0_hat, t, s, noise)
+            draws.append(self.to_12_leads(x))
+        samples = torch.stack(draws)
+        return samples if return_samples else samples.mean(dim=0)
