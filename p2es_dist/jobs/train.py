@@ -1,0 +1,42 @@
+"""Train P2Es or a baseline with Ray Train + DeepSpeed.
+
+    p2es train --config p2es_dist/configs/smoke.yaml --set train.num_workers=2 --out out/
+    ray job submit --working-dir . -- python -m p2es_dist.jobs.train --config p2es_dist/configs/p2es_bidmc.yaml \
+        --set train.storage_path=s3://bucket/runs --set train.deepspeed.zero_stage=2
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from p2es_dist.cli import run_main
+from p2es_dist.errors import UserError
+from p2es_dist.jobs.common import apply_common, connect_ray, parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser("p2es train", "train P2Es or a baseline named in the config (Ray Train + DeepSpeed)")
+    args = p.parse_args(argv)
+    if not args.config:
+        raise UserError("--config is required (e.g. p2es_dist/configs/smoke.yaml)")
+    config = apply_common(args)
+    from p2es_dist.train.config import parse_job_config
+    from p2es_dist.train.trainer import run_training
+
+    parse_job_config(config)  # fail on a bad key before Ray starts
+    started = connect_ray()
+    try:
+        summary = run_training(config, out=args.out)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    print(json.dumps({k: summary[k] for k in ("checkpoint", "weights", "steps", "restored_from_step", "failures",
+                                              "val")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, sys.argv[1:], prog="p2es train"))

@@ -1,0 +1,117 @@
+"""`unet`: a 1-D U-Net regressor, PPG (+ condition leads, + age/sex) -> 12 leads.
+
+The neural baseline of Li et al. (2021) is a 3-level U-Net with summed skips; this one is the usual
+modern form of the same idea: per level a residual block (GroupNorm, SiLU, two convolutions), a
+strided convolution down, and on the way up a transposed convolution, the skip concatenated, and a
+residual block again. Demographics and the input-presence flags (PPG present? which condition leads?)
+form one vector that every residual block adds as a per-channel bias, as diffusion U-Nets add their
+timestep embedding. The output is a 1x1 convolution to 12 leads, zero-initialised so training starts
+from the zero prediction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from p2es_dist.constants import N_LEADS
+from p2es_dist.models.base import Batch, TranslationModel
+from p2es_dist.models.common import ConditionVector, masked_mse, regression_target_mask, signal_input
+from p2es_dist.models.registry import register
+
+
+@dataclass
+class UNetConfig:
+    channels: tuple[int, ...] = (32, 64, 128, 256)  # per level, finest first; the last is the bottleneck
+    kernel_size: int = 9  # odd, so "same" padding keeps lengths
+    groups: int = 8  # GroupNorm groups; must divide every channel count
+    condition_on_leads: bool = True  # read `cond_leads` as 12 extra input channels
+    use_demographics: bool = True  # age and sex in the condition vector
+    condition_dim: int = 64
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if len(self.channels) < 2:
+            raise ValueError("channels needs at least two levels")
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
+        bad = [c for c in self.channels if c % self.groups]
+        if bad:
+            raise ValueError(f"groups={self.groups} must divide every channel count, not {bad}")
+
+
+class ResidualBlock(nn.Module):
+    """x + conv(act(norm(conv(act(norm(x))) + bias(condition)))), with a 1x1 skip if widths differ."""
+
+    def __init__(self, *, in_channels: int, out_channels: int, config: UNetConfig) -> None:
+        super().__init__()
+        pad = config.kernel_size // 2
+        self.norm1 = nn.GroupNorm(config.groups, in_channels)
+        self.conv1 = nn.Conv1d(in_channels, out_channels, config.kernel_size, padding=pad)
+        self.condition = nn.Linear(config.condition_dim, out_channels)
+        self.norm2 = nn.GroupNorm(config.groups, out_channels)
+        self.dropout = nn.Dropout(config.dropout)
+        self.conv2 = nn.Conv1d(out_channels, out_channels, config.kernel_size, padding=pad)
+        self.skip = nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: Tensor, condition: Tensor) -> Tensor:
+        h = self.conv1(nn.functional.silu(self.norm1(x)))
+        h = h + self.condition(condition)[:, :, None]
+        h = self.conv2(self.dropout(nn.functional.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+@register("unet", UNetConfig)
+class UNet1d(TranslationModel):
+    """Encoder-decoder with concatenated skips; input length must divide by 2^(levels - 1)."""
+
+    def __init__(self, *, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        widths = config.channels
+        in_channels = 1 + (N_LEADS if config.condition_on_leads else 0)
+        self.condition = ConditionVector(dim=config.condition_dim, use_demographics=config.use_demographics)
+        self.stem = nn.Conv1d(in_channels, widths[0], config.kernel_size, padding=config.kernel_size // 2)
+        self.down_blocks = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        for width, next_width in zip(widths[:-1], widths[1:], strict=True):
+            self.down_blocks.append(ResidualBlock(in_channels=width, out_channels=width, config=config))
+            self.downsample.append(nn.Conv1d(width, next_width, 4, stride=2, padding=1))
+        self.middle = ResidualBlock(in_channels=widths[-1], out_channels=widths[-1], config=config)
+        self.upsample = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+        for width, coarser in zip(reversed(widths[:-1]), reversed(widths[1:]), strict=True):
+            self.upsample.append(nn.ConvTranspose1d(coarser, width, 4, stride=2, padding=1))
+            self.up_blocks.append(ResidualBlock(in_channels=2 * width, out_channels=width, config=config))
+        self.head_norm = nn.GroupNorm(config.groups, widths[0])
+        self.head = nn.Conv1d(widths[0], N_LEADS, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, batch: Batch) -> Tensor:
+        x = signal_input(batch, with_leads=self.config.condition_on_leads)
+        factor = 2 ** (len(self.config.channels) - 1)
+        if x.shape[-1] % factor:
+            raise ValueError(f"unet: input length {x.shape[-1]} must be a multiple of {factor}")
+        condition = self.condition(batch)
+        h = self.stem(x)
+        skips = []
+        for block, down in zip(self.down_blocks, self.downsample, strict=True):
+            h = block(h, condition)
+            skips.append(h)
+            h = down(h)
+        h = self.middle(h, condition)
+        for up, block in zip(self.upsample, self.up_blocks, strict=True):
+            h = block(torch.cat([up(h), skips.pop()], dim=1), condition)
+        return self.head(nn.functional.silu(self.head_norm(h)))
+
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        mask = regression_target_mask(batch, with_leads=self.config.condition_on_leads)
+        mse = masked_mse(self(batch), batch["ecg"], mask)
+        return mse, {"mse": mse.detach(), "n_pairs": mask.sum().detach()}
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, *, seed: int = 0) -> Tensor:
+        return self(batch)  # deterministic regressor (dropout is off in eval mode)

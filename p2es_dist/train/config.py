@@ -1,0 +1,108 @@
+"""The sections of a training config: `model` (see `p2es_dist.models`), `data`, `train`, `fault`.
+
+    model: {name: p2es, ...}          # the model's own config dataclass
+    data:  {uris: [s3://p2es/bidmc], batch_size: 16, augment: {...}}   # p2es_dist.data.loader.LoaderConfig
+    train: {num_workers: 2, max_steps: 2000, deepspeed: {zero_stage: 2}, storage_path: s3://p2es/runs}
+    fault: {kill_rank: 1, at_step: 25}  # tests the recovery path: that worker kills itself once
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from p2es_dist.config import from_dict, section
+from p2es_dist.data.loader import LoaderConfig
+from p2es_dist.errors import ConfigError
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # merged last into the DeepSpeed config
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass
+class TrainSection:
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0  # logical CPUs reserved per worker; torch threads = max(1, round(this))
+    use_gpu: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs that support it, else fp32
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    max_steps: int = 1000
+    eval_every: int = 100  # steps between validation reports (on `val`, never `test`)
+    val_batches: int = 8  # per worker; 0 means the whole val split
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    max_failures: int = 1
+    storage_path: str = "runs"
+    run_name: str | None = None  # a fixed name resumes a run resubmitted with the same config
+    seed: int = 0
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+
+    def __post_init__(self) -> None:
+        for name in ("num_workers", "max_steps", "eval_every", "checkpoint_every", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+
+
+@dataclass
+class FaultSection:
+    kill_rank: int | None = None
+    at_step: int | None = None
+
+
+@dataclass
+class JobConfig:
+    model: dict[str, Any]
+    data: LoaderConfig
+    train: TrainSection
+    fault: FaultSection
+    source: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        from p2es_dist.config import to_dict
+
+        return {"model": dict(self.model), "data": to_dict(self.data), "train": to_dict(self.train),
+                "fault": to_dict(self.fault)}
+
+
+def parse_job_config(config: dict[str, Any]) -> JobConfig:
+    """Validate every section now, on the driver, so a typo fails before any worker starts."""
+    from p2es_dist.models import build_model
+
+    origin = config.get("_source", "config")
+    unknown = sorted(set(config) - {"model", "data", "train", "fault", "_source"})
+    if unknown:
+        raise ConfigError(f"{origin}: {unknown[0]}: unknown section (expected model, data, train, fault)")
+    model = section(config, "model")
+    if "name" not in model:
+        raise ConfigError(f"{origin}: model.name: missing (e.g. p2es, unet, dct, li2021, classifier)")
+    try:
+        build_model(model)  # the model's own dataclass checks its keys
+        job = JobConfig(
+            model=model,
+            data=from_dict(LoaderConfig, section(config, "data"), where="data"),
+            train=from_dict(TrainSection, section(config, "train"), where="train"),
+            fault=from_dict(FaultSection, section(config, "fault"), where="fault"),
+            source=origin,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+    if not job.data.uris:
+        raise ConfigError(f"{origin}: data.uris: expected a list of shard folders (outputs of `p2es ingest`)")
+    if job.fault.kill_rank is not None and job.fault.kill_rank >= job.train.num_workers:
+        raise ConfigError(f"{origin}: fault.kill_rank: {job.fault.kill_rank} but train.num_workers is "
+                          f"{job.train.num_workers}")
+    return job

@@ -1,0 +1,175 @@
+"""What each Ray Train worker runs: resume, train with DeepSpeed, validate on `val`, checkpoint, report.
+
+Checkpoints: every rank calls DeepSpeed's `save_checkpoint` into its own temporary folder and reports
+it; Ray Train V2 merges the ranks' files into one checkpoint folder in storage, so ZeRO partitions of
+every rank sit together and a restarted worker group reloads them with `load_checkpoint`.
+
+Recovery: rank 0 drops an attempt marker in the run folder at every (re)start, so the driver counts
+failures from storage, and `fault.kill_rank` kills that worker once, on the first attempt only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from p2es_dist.storage import uri as uri_lib
+from p2es_dist.train.engine import CHECKPOINT_TAG, build_engine, use_bf16
+
+
+def _batches(shard, job, *, training: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless epochs over a training shard (each epoch reshuffled), or one pass over validation."""
+    from p2es_dist.data.loader import torch_batches
+
+    epoch = 0
+    while True:
+        produced = False
+        for batch in torch_batches(shard, job.data, training=training, epoch=epoch):
+            produced = True
+            yield batch
+        if not training:
+            return
+        if not produced:
+            raise RuntimeError("the train split yielded no batch: check data.uris and data.batch_size")
+        epoch += 1
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def _validate(engine, job, device: torch.device) -> dict[str, float]:
+    """Mean loss (and its parts) over the val shard, summed across ranks. Seeded: the same every time."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("val")
+    engine.eval()
+    fork = torch.random.fork_rng(devices=[])
+    totals: dict[str, float] = {}
+    count = 0
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    with fork, torch.no_grad():
+        torch.manual_seed(1234 + rank)  # diffusion losses draw t and noise: fix them so val numbers compare
+        for i, batch in enumerate(_batches(shard, job, training=False)):
+            if job.train.val_batches and i >= job.train.val_batches * world:
+                break
+            if i % world != rank:  # every rank holds the whole val split; each takes every world-th batch
+                continue
+            loss, parts = engine(_to_device(batch, device))
+            n = len(batch["ecg"])
+            totals["val_loss"] = totals.get("val_loss", 0.0) + float(loss) * n
+            for name, value in parts.items():
+                totals[f"val_{name}"] = totals.get(f"val_{name}", 0.0) + float(value) * n
+            count += n
+    engine.train()
+    keys = sorted(totals)
+    summed = torch.tensor([totals[k] for k in keys] + [count], dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(summed)
+    if summed[-1] == 0:
+        return {"val_loss": float("nan")}
+    return {key: float(summed[i] / summed[-1]) for i, key in enumerate(keys)}
+
+
+def _record_attempt(run_uri: str, rank: int) -> int:
+    """Rank 0 writes a marker per (re)start; every rank returns the attempt number (1 = first)."""
+    attempts = uri_lib.join(run_uri, "attempts")
+    if rank == 0:
+        marker = {"time": time.time(), "pid": os.getpid()}
+        uri_lib.write_text_atomic(uri_lib.join(attempts, f"{time.time_ns()}-{uuid.uuid4().hex[:8]}.json"),
+                                  json.dumps(marker))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return len(uri_lib.ls(attempts, suffix=".json", missing_ok=True))
+
+
+def _broadcast_from_rank0(model: torch.nn.Module) -> None:
+    """Data-driven initialisation ran on rank 0's batches: give every rank the same weights."""
+    if torch.distributed.is_initialized():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            torch.distributed.broadcast(tensor.data, src=0)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+
+    from p2es_dist.models import build_model
+    from p2es_dist.train.config import parse_job_config
+
+    job = parse_job_config(loop_config["config"])
+    run_uri = loop_config["run_uri"]
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    torch.set_num_threads(max(1, round(job.train.cpus_per_worker)))
+    torch.manual_seed(job.train.seed + rank)
+    device = torch.device("cuda", torch.cuda.current_device()) if job.train.use_gpu else torch.device("cpu")
+
+    attempt = _record_attempt(run_uri, rank)
+    torch.manual_seed(job.train.seed)  # identical initial weights on every rank
+    model = build_model(job.model).to(device)
+    train_shard = ray.train.get_dataset_shard("train")
+    batches = _batches(train_shard, job, training=True)
+
+    checkpoint = ray.train.get_checkpoint()
+    affinity = None
+    if checkpoint is None and hasattr(model, "init_affinity"):
+        # Every rank pulls its first batches: a streaming split stalls when one reader lags the others.
+        first = [next(batches) for _ in range(4)]
+        if rank == 0:
+            affinity = model.init_affinity([_to_device(b, device) for b in first], seed=job.train.seed)
+        _broadcast_from_rank0(model)
+        batches = itertools.chain(first, batches)
+    engine = build_engine(model, job.train, batch_size=job.data.batch_size)
+
+    step, restored_from = 0, None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            _, client_state = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+        step = restored_from = int(client_state["step"])
+
+    last_log, begin, window_count = time.perf_counter(), time.perf_counter(), 0
+    while step < job.train.max_steps:
+        if job.fault.kill_rank == rank and job.fault.at_step == step and attempt == 1:
+            print(f"[fault injection] rank {rank} kills itself at step {step}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        batch = _to_device(next(batches), device)
+        loss, _ = engine(batch)
+        engine.backward(loss)
+        engine.step()
+        step += 1
+        window_count += len(batch["ecg"])
+        if rank == 0 and time.perf_counter() - last_log > 10:
+            print(f"step {step}/{job.train.max_steps} loss {float(loss):.4f} lr {engine.get_lr()[0]:.2e}", flush=True)
+            last_log = time.perf_counter()
+
+        evaluate = step % job.train.eval_every == 0 or step == job.train.max_steps
+        save = step % job.train.checkpoint_every == 0 or step == job.train.max_steps
+        if not (evaluate or save):
+            continue
+        metrics = {"step": step, "train_loss": float(loss), "restored_from_step": restored_from,
+                   "attempt": attempt, "samples_per_s": window_count / (time.perf_counter() - begin),
+                   "bf16": use_bf16(job.train)}
+        if affinity is not None:
+            metrics["affinity_initialised"] = bool(affinity.get("initialised"))
+        if evaluate:
+            metrics.update(_validate(engine, job, device))
+        if save:
+            with tempfile.TemporaryDirectory() as folder:
+                engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, client_state={"step": step})
+                if rank == 0:
+                    Path(folder, "train_state.json").write_text(json.dumps(
+                        {"step": step, "model": job.model, "zero_stage": job.train.deepspeed.zero_stage}))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                                 checkpoint_dir_name=f"step-{step:08d}")
+        else:
+            ray.train.report(metrics)
