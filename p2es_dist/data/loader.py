@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from p2es_dist.constants import LEADS
 from p2es_dist.data.augment import AugmentConfig, augment_batch
 from p2es_dist.data.batches import table_to_batch
 from p2es_dist.errors import UserError
@@ -42,6 +43,7 @@ class LoaderConfig:
     min_quality: float = 0.0
     block_rows: int | None = None  # rows per conversion call; None: whole blocks, which lets Ray fuse it into the read
     prefetch_batches: int = 4
+    condition_leads: list[str] = field(default_factory=list)  # recorded leads given as input, e.g. [II]
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -87,7 +89,8 @@ def window_seeds(window_ids: list[str], seed: int) -> list[int]:
             for w in window_ids]
 
 
-def convert_block(table: pa.Table, *, augment: AugmentConfig | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+def convert_block(table: pa.Table, *, augment: AugmentConfig | None = None, seed: int = 0,
+                  condition_leads: list[str] | None = None) -> dict[str, np.ndarray]:
     """Arrow rows -> model-space numpy batch (optionally augmented). Runs inside `map_batches`.
 
     Signals leave as float16, the precision the shards store them in: half the bytes through Ray's
@@ -102,17 +105,24 @@ def convert_block(table: pa.Table, *, augment: AugmentConfig | None = None, seed
         batch = {key: np.concatenate([row[key] for row in rows]) for key in batch}
     for key in TRANSPORT_FLOAT16:
         batch[key] = batch[key].astype(np.float16)
+    if condition_leads:
+        chosen = np.isin(np.array(LEADS), condition_leads)
+        batch["cond_leads"] = batch["ecg_mask"] & chosen[None, :]
     return batch
 
 
 def model_space_dataset(config: LoaderConfig, *, split: str, training: bool):
     """A Ray Dataset of model-space numpy batches for one split; augmentation only when `training`."""
+    unknown = sorted(set(config.condition_leads) - set(LEADS))
+    if unknown:
+        raise UserError(f"data.condition_leads: unknown lead {unknown[0]!r} (expected some of {', '.join(LEADS)})")
     dataset = read_windows(config.uris, split=split, min_quality=config.min_quality)
     return dataset.map_batches(
         convert_block,
         batch_format="pyarrow",
         batch_size=config.block_rows,
-        fn_kwargs={"augment": config.augment if training else None, "seed": config.seed},
+        fn_kwargs={"augment": config.augment if training else None, "seed": config.seed,
+                   "condition_leads": config.condition_leads},
     )
 
 
@@ -125,14 +135,14 @@ def training_datasets(config: LoaderConfig, *, splits: tuple[str, ...] = ("train
 
 def torch_batches(shard, config: LoaderConfig, *, training: bool, epoch: int = 0) -> Iterator[dict]:
     """Iterate a Ray Data shard (`get_dataset_shard`) or Dataset as dicts of torch tensors."""
-    shuffle = config.shuffle_buffer if training and config.shuffle_buffer > 0 else None
     import torch
 
+    shuffle = config.shuffle_buffer if training and config.shuffle_buffer > 0 else None
     return shard.iter_torch_batches(
         batch_size=config.batch_size,
         dtypes={"ppg": torch.float32, "ecg": torch.float32, "ppg_mask": torch.bool, "ecg_mask": torch.bool,
                 "age": torch.float32, "sex": torch.int64, "labels": torch.float32, "subject": torch.int64,
-                "scale": torch.float32},
+                "scale": torch.float32, **({"cond_leads": torch.bool} if config.condition_leads else {})},
         prefetch_batches=config.prefetch_batches,
         local_shuffle_buffer_size=shuffle,
         local_shuffle_seed=config.seed + epoch if shuffle else None,
