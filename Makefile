@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Real BIDMC records join the synthetic cohort when ../shared/data is beside the clone.
+DATA_ROOT ?= $(wildcard ../shared/data)
+
 demo: $(STAMP)
-	$(BIN)/p2es quickstart --out $(DEMO_OUT)
+	$(BIN)/p2es quickstart --out $(DEMO_OUT) $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

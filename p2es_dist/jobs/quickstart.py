@@ -5,7 +5,8 @@
 Starts the embedded object store and a local Ray unless they are already running (and stops only what it
 started), ingests a synthetic cohort (plus the real BIDMC records under --data-root when given) into
 s3://p2es-demo/, streams the shards back through the Ray Data loader, and prints a summary with paths.
-Stages that later versions add (train, tune, distill, evaluate) are listed as not yet available.
+trains the P2Es teacher briefly with Ray Train + DeepSpeed, runs the smoke Ray Tune search, and lists the
+stages that later versions add (distill, evaluate, export) as not yet available.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from p2es_dist.cli import run_main
 from p2es_dist.jobs.common import connect_ray, parser
 
 BUCKET = "s3://p2es-demo"
-NOT_YET = ("train", "tune", "distill", "evaluate", "export")
+NOT_YET = ("distill", "evaluate", "export")
 
 
 def _stream(uri: str) -> dict:
@@ -36,6 +37,33 @@ def _stream(uri: str) -> dict:
     return {"windows": counts, "windows_per_s": round(sum(counts.values()) / max(elapsed, 1e-9), 1)}
 
 
+def _smoke_overrides(uris: list[str], steps: int) -> list[str]:
+    return [f"data.uris=[{', '.join(uris)}]", f"train.max_steps={steps}", f"train.checkpoint_every={steps}",
+            f"train.eval_every={steps}", f"train.storage_path={BUCKET}/runs"]
+
+
+def _train(uris: list[str], steps: int, out: Path) -> dict:
+    from p2es_dist.config import load_config
+    from p2es_dist.train.trainer import run_training
+
+    print(f"\ntraining the P2Es teacher for {steps} steps (Ray Train + DeepSpeed)...", flush=True)
+    result = run_training(load_config("smoke", _smoke_overrides(uris, steps)), out=str(out / "train"))
+    return {"uri": result["checkpoint"], "val_loss": result["val"].get("val_loss"), "steps": result["steps"]}
+
+
+def _tune(uris: list[str], out: Path) -> dict:
+    try:
+        from p2es_dist.tune.search import run_search
+    except ModuleNotFoundError:
+        return {"uri": "-", "status": "p2es tune is not available in this version"}
+    from p2es_dist.config import load_config
+
+    print("\nsmoke search over noise schedules and depths (Ray Tune + ASHA)...", flush=True)
+    space = Path(__file__).resolve().parents[2] / "tune_spaces" / "smoke.yaml"
+    best = run_search(str(space), load_config("smoke", _smoke_overrides(uris, 6)), out=str(out / "tune"))
+    return {"uri": best.get("checkpoint"), "val_loss": best.get("value"), "trials": best.get("trials")}
+
+
 def _table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
@@ -46,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", help="folder with PhysioNet data (bidmc/ under it is ingested too)")
     p.add_argument("--windows", type=int, default=4000, help="synthetic cohort size")
     p.add_argument("--store-dir", help="object store state folder (default: under the user's cache)")
+    p.add_argument("--steps", type=int, default=60, help="training steps of the teacher")
     args = p.parse_args(argv)
     out = Path(args.out or "demo_out").resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -78,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                     "uri": output, "windows": manifest["n_windows"], "subjects": manifest["n_subjects"],
                     "quarantined_windows": manifest["n_windows_quarantined"], "stream": streamed,
                 }
+            uris = [info["uri"] for info in summary["stages"].values()]
+            summary["stages"]["train p2es"] = _train(uris, args.steps, out)
+            summary["stages"]["tune smoke"] = _tune(uris, out)
         finally:
             if started_ray:
                 import ray
@@ -86,13 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     summary["not_yet_available"] = list(NOT_YET)
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2))
 
-    rows = [("stage", "where", "windows train/val/test", "streamed windows/s")]
+    rows = [("stage", "where", "result")]
     for stage, info in summary["stages"].items():
-        w = info["windows"]
-        rows.append((stage, info["uri"], f"{w['train']}/{w['val']}/{w['test']}", f"{info['stream']['windows_per_s']}"))
+        if "windows" in info:
+            w = info["windows"]
+            result = f"windows {w['train']}/{w['val']}/{w['test']} (train/val/test), " \
+                     f"streamed at {info['stream']['windows_per_s']}/s"
+        elif "val_loss" in info:
+            result = f"val_loss {info['val_loss']:.4f}" + (f" over {info['trials']} trials" if "trials" in info else "")
+        else:
+            result = info.get("status", "")
+        rows.append((stage, str(info["uri"]), result))
     print("\n" + _table(rows))
-    print(f"\nnot yet available in this version: {', '.join(NOT_YET)} (they land with the training, "
-          "evaluation and distillation stages)")
+    print(f"\nnot yet available in this version: {', '.join(NOT_YET)} (they land with the evaluation and "
+          "distillation stages)")
+    print(f"training result: {out / 'train' / 'result.json'}")
     print(f"summary: {out / 'quickstart.json'}")
     print(f"shards: {BUCKET}/ in the object store under {store.state_dir} "
           "(`p2es objectstore start` serves them again)")
