@@ -140,6 +140,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     last_log, begin, window_count = time.perf_counter(), time.perf_counter(), 0
     while step < job.train.max_steps:
         if job.fault.kill_rank == rank and job.fault.at_step == step and attempt == 1:
+            # Crash after the last checkpoint is registered with the controller, as a real crash some
+            # steps later would: reports are processed asynchronously, so a crash right after one races it.
+            ray.train.get_all_reported_checkpoints(timeout_s=60)
             print(f"[fault injection] rank {rank} kills itself at step {step}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         batch = _to_device(next(batches), device)
