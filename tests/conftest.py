@@ -7,13 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures_s3 import *  # noqa: F403 (pytest discovers the s3_store and s3_bucket fixtures by name)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
 NO_DATA_REASON = f"real PhysioNet data not found at {DATA_ROOT} (see ../shared/data/DATA.md)"
 
-if (Path(__file__).parent / "fixtures_s3.py").exists():
-    from fixtures_s3 import *  # noqa: F403 (pytest discovers the fixtures by name)
 
 
 def require_data(*parts: str) -> Path:
@@ -25,8 +24,12 @@ def require_data(*parts: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray runtime for the whole session (starting Ray costs seconds)."""
+def ray_local(s3_store):
+    """One local Ray runtime for the whole session (starting Ray costs seconds).
+
+    It depends on the object store so that the S3 endpoint and credentials are in the environment
+    before Ray starts: its worker processes inherit the environment of that moment.
+    """
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)

@@ -356,6 +356,32 @@ def status(state_dir: str | os.PathLike | None = None) -> ObjectStoreInfo | None
     return _info(state, pid)
 
 
+def _launch(weed: Path, state: Path, ports: dict[str, int], config: ObjectStoreConfig, timeout: float,
+            deadline: float) -> ObjectStoreInfo:
+    """Run weed on these ports and wait until an S3 round-trip succeeds; kill it if it never does."""
+    _write_atomic(state / "ports.json", json.dumps(ports, indent=2) + "\n")
+    log_path = state / "weed.log"
+    if log_path.exists():
+        os.replace(log_path, state / "weed.log.1")
+    with open(log_path, "wb") as log:
+        # A new session: the server outlives the caller's terminal and stops as one process group.
+        proc = subprocess.Popen(
+            _command(weed, state, ports, config), cwd=state, env=_server_env(),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    _CHILDREN[proc.pid] = proc
+    _write_atomic(state / "weed.pid", f"{proc.pid}\n")
+    info = _info(state, proc.pid)
+    assert info is not None
+    try:
+        _wait_ready(info, ports, timeout, deadline)
+    except BaseException:
+        _terminate(proc.pid, timeout=5.0)
+        (state / "weed.pid").unlink(missing_ok=True)
+        raise
+    return info
+
+
 def start(
     state_dir: str | os.PathLike | None = None,
     *,
@@ -379,27 +405,18 @@ def start(
         for sub in ("data", "logs", "config"):
             (state / sub).mkdir(exist_ok=True)
         _credentials(state)
-        ports = _choose_ports(_read_ports(state), port)
-        _write_atomic(state / "ports.json", json.dumps(ports, indent=2) + "\n")
-        log_path = state / "weed.log"
-        if log_path.exists():
-            os.replace(log_path, state / "weed.log.1")
-        with open(log_path, "wb") as log:
-            # A new session: the server outlives the caller's terminal and stops as one process group.
-            proc = subprocess.Popen(
-                _command(weed, state, ports, config), cwd=state, env=_server_env(),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        _CHILDREN[proc.pid] = proc
-        _write_atomic(state / "weed.pid", f"{proc.pid}\n")
-        info = _info(state, proc.pid)
-        assert info is not None
-        try:
-            _wait_ready(info, ports, timeout, deadline)
-        except BaseException:
-            _terminate(proc.pid, timeout=5.0)
-            (state / "weed.pid").unlink(missing_ok=True)
-            raise
+        saved = _read_ports(state)
+        for attempt in range(3):
+            ports = _choose_ports(saved, port)
+            try:
+                info = _launch(weed, state, ports, config, timeout, deadline)
+                break
+            except UserError as exc:
+                # A port free when we looked can be taken before weed binds it (TIME_WAIT, another
+                # server starting): pick fresh ones, unless the caller asked for a specific port.
+                if "Port allocation failed" not in str(exc) or port or attempt == 2:
+                    raise
+                saved = None
         return info
 
 
