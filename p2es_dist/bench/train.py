@@ -60,9 +60,8 @@ def bare_torch(job, batches) -> float:
     return _time_steps(step, batches)
 
 
-def _worker(loop_config) -> None:
+def _worker(loop_config) -> float:
     import ray
-    import ray.train
 
     from p2es_dist.models import build_model
     from p2es_dist.train.config import parse_job_config
@@ -79,7 +78,7 @@ def _worker(loop_config) -> None:
         engine.backward(loss)
         engine.step()
 
-    ray.train.report({"samples_per_s": _time_steps(step, batches)})
+    return _time_steps(step, batches)  # Train V2 hands rank 0's return value to the driver
 
 
 def ray_deepspeed(job, batches, threads: int) -> float:
@@ -98,7 +97,7 @@ def ray_deepspeed(job, batches, threads: int) -> float:
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    return float(result.metrics["samples_per_s"])
+    return float(result.return_value)
 
 
 def main(argv: list[str] | None = None) -> int:
