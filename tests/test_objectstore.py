@@ -13,7 +13,7 @@ import boto3
 import pytest
 
 from p2es_dist.errors import UserError
-from p2es_dist.storage import objectstore
+from p2es_dist.storage import objectstore, weed_process
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,7 +180,7 @@ def weed_processes_serving(state: Path) -> list[int]:
     found = []
     for entry in Path("/proc").glob("[0-9]*"):
         try:
-            if needle in (entry / "cmdline").read_bytes().split(b"\0") and objectstore._alive(int(entry.name)):
+            if needle in (entry / "cmdline").read_bytes().split(b"\0") and weed_process.alive(int(entry.name)):
                 found.append(int(entry.name))
         except OSError:
             continue
