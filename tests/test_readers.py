@@ -161,6 +161,10 @@ def test_ptbxl_records100_and_fold_mapping():
     low = ptbxl.read_record(root, "00001", resolution="records100")
     assert (low.fs, low.n_samples) == (100.0, 1000)
     assert [ptbxl.split_of_fold(fold) for fold in range(1, 11)] == ["train"] * 8 + ["val", "test"]
+    remapped = [ptbxl.split_of_fold(fold, val_folds=(7,), test_folds=(8,)) for fold in range(1, 11)]
+    assert remapped == ["train"] * 6 + ["val", "test", "train", "train"]
+    with pytest.raises(UserError, match="overlap"):
+        ptbxl.split_of_fold(3, val_folds=(8,), test_folds=(8,))
     with pytest.raises(UserError, match="resolution"):
         ptbxl.list_records(root, resolution="records250")
 

@@ -8,7 +8,9 @@ Quirks handled here:
 - ages above 89 are stored as 300 (HIPAA): read as 90. A few ages are missing.
 - `scp_codes` is a Python dict literal; labels via `p2es_dist.data.labels.labels_from_scp`.
 - `strat_fold` (patient-disjoint, stratified): folds 1-8 train, 9 val, 10 test, the dataset's
-  recommendation. The subject is `patient_id`.
+  recommendation. The subject is `patient_id`. `--set ptbxl.val_folds=[7] --set ptbxl.test_folds=[8]`
+  moves other whole folds there (still patient-disjoint): for a partial copy without folds 9-10, such as
+  the shared development subset, so that a held-out 12-lead split with real diagnoses exists.
 """
 
 from __future__ import annotations
@@ -37,17 +39,21 @@ _AGE_TOP_CODE = 300  # PTB-XL's stand-in for "older than 89"
 class PtbxlConfig:
     resolution: str = "records500"  # or "records100"
     min_likelihood: float = 0.0  # see labels_from_scp
+    val_folds: tuple[int, ...] = (9,)
+    test_folds: tuple[int, ...] = (10,)
 
 
-def split_of_fold(fold: int) -> str:
-    """PTB-XL's recommended use of `strat_fold`: 1-8 train, 9 val, 10 test."""
-    if fold == 10:
+def split_of_fold(fold: int, *, val_folds=PtbxlConfig.val_folds, test_folds=PtbxlConfig.test_folds) -> str:
+    """`strat_fold` -> split; by default PTB-XL's recommendation: 1-8 train, 9 val, 10 test."""
+    if not 1 <= fold <= 10:
+        raise ValueError(f"strat_fold must be 1-10, got {fold}")
+    if set(val_folds) & set(test_folds):
+        raise UserError(f"ptbxl.val_folds {list(val_folds)} and ptbxl.test_folds {list(test_folds)} overlap")
+    if fold in test_folds:
         return "test"
-    if fold == 9:
+    if fold in val_folds:
         return "val"
-    if 1 <= fold <= 8:
-        return "train"
-    raise ValueError(f"strat_fold must be 1-10, got {fold}")
+    return "train"
 
 
 def _check_resolution(resolution: str) -> str:
@@ -70,7 +76,16 @@ def load_database(root: Path) -> pd.DataFrame:
     return _database(str(csv_path), csv_path.stat().st_mtime_ns)
 
 
-def list_records(root: Path, *, resolution: str = PtbxlConfig.resolution) -> list[str]:
+def list_records(
+    root: Path,
+    *,
+    resolution: str = PtbxlConfig.resolution,
+    min_likelihood: float = PtbxlConfig.min_likelihood,
+    val_folds: tuple[int, ...] = PtbxlConfig.val_folds,
+    test_folds: tuple[int, ...] = PtbxlConfig.test_folds,
+) -> list[str]:
+    """Keys of the records present; the other options belong to `read_record` (one `ptbxl:` section)."""
+    split_of_fold(1, val_folds=val_folds, test_folds=test_folds)  # fail on overlapping folds before any work
     root = Path(root)
     column = _check_resolution(resolution)
     if not root.is_dir():
@@ -103,6 +118,8 @@ def read_record(
     *,
     resolution: str = PtbxlConfig.resolution,
     min_likelihood: float = PtbxlConfig.min_likelihood,
+    val_folds: tuple[int, ...] = PtbxlConfig.val_folds,
+    test_folds: tuple[int, ...] = PtbxlConfig.test_folds,
 ) -> Record:
     root = Path(root)
     column = _check_resolution(resolution)
@@ -124,5 +141,5 @@ def read_record(
         age=_age(row["age"]),
         sex=_sex(row["sex"]),
         labels=labels_from_scp(scp_codes, min_likelihood=min_likelihood),
-        split=split_of_fold(fold),
+        split=split_of_fold(fold, val_folds=tuple(val_folds), test_folds=tuple(test_folds)),
     )

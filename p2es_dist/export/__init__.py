@@ -1,0 +1,1 @@
+"""Publishable bundles (SPEC section 6) and loading any model this project writes."""

@@ -1,0 +1,153 @@
+"""Load any model this project writes, by URI, without unpickling anything.
+
+    from p2es_dist import load_pretrained
+    model = load_pretrained("bundles/p2es-student")          # a published bundle (sums verified)
+
+    loaded = load_model("s3://p2es/runs/p2es-.../step-00001000")  # a training checkpoint
+    loaded.model, loaded.model_config, loaded.digest
+
+Two layouts are understood:
+
+- **checkpoint** (what `p2es train`, `pretrain` and `distill` leave beside each final DeepSpeed
+  checkpoint): `model.safetensors` (consolidated fp32) + `model.json` (the config's `model:` section).
+  A job's `--out` folder or its `result.json` also work: their `checkpoint` field is followed.
+- **bundle** (`p2es export`, SPEC section 6): `model.safetensors`, `config.json` (`model` section plus
+  preprocessing), `SHA256SUMS`. Every file the sums list is checked before anything is read.
+
+Weights are safetensors and configs JSON, so loading never runs code from the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from p2es_dist.errors import UserError
+from p2es_dist.storage import uri as uri_lib
+
+WEIGHTS = "model.safetensors"
+CHECKPOINT_CONFIG = "model.json"
+BUNDLE_CONFIG = "config.json"
+SUMS = "SHA256SUMS"
+BUNDLE_FORMAT = "p2es-dist-bundle"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # in eval mode, on CPU
+    model_config: dict[str, Any]  # the `model:` section it was built from (includes `name`)
+    uri: str  # the folder the weights came from
+    kind: str  # "checkpoint" or "bundle"
+    digest: str  # sha256 of model.safetensors: a stable key for caches of this model's outputs
+    metadata: dict[str, Any] = field(default_factory=dict)  # a bundle's config.json; {} for checkpoints
+
+    @property
+    def name(self) -> str:
+        return str(self.model_config.get("name"))
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_sums(directory: str) -> dict[str, str]:
+    """`SHA256SUMS` (the `sha256sum` format: `<hex>  <name>`) -> {name: hex}."""
+    sums: dict[str, str] = {}
+    for number, line in enumerate(uri_lib.read_text(uri_lib.join(directory, SUMS)).splitlines(), start=1):
+        if not line.strip():
+            continue
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name:
+            raise UserError(f"{uri_lib.join(directory, SUMS)} line {number}: expected '<sha256>  <file>'")
+        sums[name.strip().removeprefix("*")] = digest
+    return sums
+
+
+def verify_bundle(directory: str) -> dict[str, bytes]:
+    """Check every file `SHA256SUMS` lists; returns their bytes. A missing or altered file is a UserError."""
+    sums = read_sums(directory)
+    for required in (WEIGHTS, BUNDLE_CONFIG):
+        if required not in sums:
+            raise UserError(f"{uri_lib.join(directory, SUMS)}: does not list {required}; not a p2es bundle")
+    contents: dict[str, bytes] = {}
+    for name, expected in sums.items():
+        path = uri_lib.join(directory, name)
+        if not uri_lib.exists(path):
+            raise UserError(f"{path}: listed in {SUMS} but missing; the bundle is incomplete")
+        data = uri_lib.read_bytes(path)
+        if sha256_bytes(data) != expected:
+            raise UserError(f"{path}: sha256 does not match {SUMS}; the file was altered or corrupted "
+                            "(refusing to load it)")
+        contents[name] = data
+    return contents
+
+
+def _build(model_config: dict[str, Any], weights: bytes, where: str) -> nn.Module:
+    from safetensors.torch import load as load_safetensors
+
+    from p2es_dist.models.registry import build_model
+
+    try:
+        state = load_safetensors(weights)
+    except Exception as exc:  # safetensors raises its own error types for truncated headers
+        raise UserError(f"{where}: not a readable safetensors file ({exc})") from exc
+    model = build_model(model_config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Non-persistent buffers never reach the state dict; anything else missing means another architecture.
+    if missing or unexpected:
+        raise UserError(f"{where}: weights do not fit model {model_config.get('name')!r} "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval()
+
+
+def resolve_checkpoint(uri: str) -> str:
+    """A checkpoint or bundle folder from a folder, a job's `--out` folder or its `result.json`."""
+    uri = str(uri)
+    if uri.endswith(".json"):
+        if not uri_lib.exists(uri):
+            raise UserError(f"{uri}: no such file")
+        summary = json.loads(uri_lib.read_text(uri))
+        if "checkpoint" not in summary:
+            raise UserError(f"{uri}: has no 'checkpoint' field (expected a result.json of train/pretrain/distill)")
+        return str(summary["checkpoint"])
+    if uri_lib.exists(uri_lib.join(uri, WEIGHTS)):
+        return uri
+    if uri_lib.exists(uri_lib.join(uri, "result.json")):
+        return resolve_checkpoint(uri_lib.join(uri, "result.json"))
+    raise UserError(f"{uri}: no {WEIGHTS} there (expected a checkpoint folder, a bundle from `p2es export`, "
+                    "or a job's --out folder with result.json)")
+
+
+def load_model(uri: str) -> LoadedModel:
+    """Checkpoint or bundle (see the module docstring) -> LoadedModel, in eval mode on CPU."""
+    with uri_lib.storage_errors(uri):
+        folder = resolve_checkpoint(uri)
+        if uri_lib.exists(uri_lib.join(folder, SUMS)):
+            files = verify_bundle(folder)
+            metadata = json.loads(files[BUNDLE_CONFIG])
+            if metadata.get("format") != BUNDLE_FORMAT or "model" not in metadata:
+                raise UserError(f"{uri_lib.join(folder, BUNDLE_CONFIG)}: expected format {BUNDLE_FORMAT!r} "
+                                "with a 'model' section")
+            weights, model_config, kind = files[WEIGHTS], dict(metadata["model"]), "bundle"
+        else:
+            config_uri = uri_lib.join(folder, CHECKPOINT_CONFIG)
+            if not uri_lib.exists(config_uri):
+                raise UserError(f"{folder}: has {WEIGHTS} but neither {CHECKPOINT_CONFIG} nor {SUMS}")
+            weights = uri_lib.read_bytes(uri_lib.join(folder, WEIGHTS))
+            model_config, metadata, kind = json.loads(uri_lib.read_text(config_uri)), {}, "checkpoint"
+    model = _build(model_config, weights, uri_lib.join(folder, WEIGHTS))
+    return LoadedModel(model=model, model_config=model_config, uri=folder, kind=kind,
+                       digest=sha256_bytes(weights), metadata=metadata)
+
+
+def load_pretrained(directory: str | Path) -> nn.Module:
+    """A published bundle -> the model (eval mode, CPU). Verifies `SHA256SUMS` first; never unpickles."""
+    directory = str(directory)
+    if not uri_lib.exists(uri_lib.join(directory, SUMS)):
+        raise UserError(f"{directory}: no {SUMS}; load_pretrained only loads bundles written by `p2es export`")
+    return load_model(directory).model
