@@ -46,7 +46,8 @@ def labels_multi_hot(labels: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 def table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
-    """Shard rows -> model-space batch (ppg, ppg_mask, ecg, ecg_mask, age, sex, labels, subject, scale)."""
+    """Shard rows -> model-space batch (ppg, ppg_mask, ecg, ecg_mask, age, sex, labels, subject, scale;
+    teacher_ecg when the shards carry it)."""
     ecg = _fixed_list_to_numpy(table.column("ecg"), N_LEADS * WINDOW).reshape(-1, N_LEADS, WINDOW)
     ecg_mask = _fixed_list_to_numpy(table.column("ecg_mask"), N_LEADS, dtype=bool)
     ppg_column = table.column("ppg")
@@ -55,7 +56,7 @@ def table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
     ecg_model, scale = ecg_to_model_space(ecg, ecg_mask)
     age = table.column("age").to_numpy(zero_copy_only=False)
     subjects = table.column("subject_id").to_pylist()
-    return {
+    batch = {
         "ppg": ppg_to_model_space(ppg, ppg_mask),
         "ppg_mask": np.asarray(ppg_mask, dtype=bool),
         "ecg": ecg_model,
@@ -66,3 +67,7 @@ def table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
         "subject": np.array([subject_hash(s) for s in subjects], dtype=np.int64),
         "scale": scale,
     }
+    if "teacher_ecg" in table.column_names:  # distillation shards: the teacher's output, already in model space
+        teacher = _fixed_list_to_numpy(table.column("teacher_ecg"), N_LEADS * WINDOW)
+        batch["teacher_ecg"] = teacher.reshape(-1, N_LEADS, WINDOW)
+    return batch

@@ -44,6 +44,7 @@ class LoaderConfig:
     block_rows: int | None = None  # rows per conversion call; None: whole blocks, which lets Ray fuse it into the read
     prefetch_batches: int = 4
     condition_leads: list[str] = field(default_factory=list)  # recorded leads given as input, e.g. [II]
+    teacher_ecg: bool = False  # shards carry a `teacher_ecg` column (distillation) that batches pass on
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -103,8 +104,9 @@ def convert_block(table: pa.Table, *, augment: AugmentConfig | None = None, seed
         rows = [augment_batch({k: v[i : i + 1] for k, v in batch.items()}, augment, seed=s)
                 for i, s in enumerate(seeds)]
         batch = {key: np.concatenate([row[key] for row in rows]) for key in batch}
-    for key in TRANSPORT_FLOAT16:
-        batch[key] = batch[key].astype(np.float16)
+    for key in TRANSPORT_FLOAT16 + ("teacher_ecg",):
+        if key in batch:
+            batch[key] = batch[key].astype(np.float16)
     if condition_leads:
         chosen = np.isin(np.array(LEADS), condition_leads)
         batch["cond_leads"] = batch["ecg_mask"] & chosen[None, :]
@@ -116,7 +118,8 @@ def model_space_dataset(config: LoaderConfig, *, split: str, training: bool):
     unknown = sorted(set(config.condition_leads) - set(LEADS))
     if unknown:
         raise UserError(f"data.condition_leads: unknown lead {unknown[0]!r} (expected some of {', '.join(LEADS)})")
-    dataset = read_windows(config.uris, split=split, min_quality=config.min_quality)
+    columns = READ_COLUMNS + (["teacher_ecg"] if config.teacher_ecg else [])
+    dataset = read_windows(config.uris, split=split, min_quality=config.min_quality, columns=columns)
     return dataset.map_batches(
         convert_block,
         batch_format="pyarrow",
@@ -142,7 +145,8 @@ def torch_batches(shard, config: LoaderConfig, *, training: bool, epoch: int = 0
         batch_size=config.batch_size,
         dtypes={"ppg": torch.float32, "ecg": torch.float32, "ppg_mask": torch.bool, "ecg_mask": torch.bool,
                 "age": torch.float32, "sex": torch.int64, "labels": torch.float32, "subject": torch.int64,
-                "scale": torch.float32, **({"cond_leads": torch.bool} if config.condition_leads else {})},
+                "scale": torch.float32, **({"cond_leads": torch.bool} if config.condition_leads else {}),
+                **({"teacher_ecg": torch.float32} if config.teacher_ecg else {})},
         prefetch_batches=config.prefetch_batches,
         local_shuffle_buffer_size=shuffle,
         local_shuffle_seed=config.seed + epoch if shuffle else None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from p2es_dist.config import apply_overrides, load_config
@@ -62,3 +64,16 @@ def connect_ray(*, num_cpus: int | None = None) -> bool:
     ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True,
              configure_logging=False)
     return True
+
+
+@contextmanager
+def ray_session(*, num_cpus: int | None = None) -> Iterator[None]:
+    """`connect_ray` for the length of a block; shuts down only a Ray this call started."""
+    started = connect_ray(num_cpus=num_cpus)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()

@@ -12,7 +12,20 @@ import sys
 
 from p2es_dist.cli import run_main
 from p2es_dist.errors import UserError
-from p2es_dist.jobs.common import apply_common, connect_ray, parser
+from p2es_dist.jobs.common import apply_common, parser, ray_session
+
+
+def train_and_print(config: dict, out: str | None) -> int:
+    """Validate, run `run_training` on (or as) a Ray cluster, print the summary line. Shared with `pretrain`."""
+    from p2es_dist.train.config import parse_job_config
+    from p2es_dist.train.trainer import run_training
+
+    parse_job_config(config)  # fail on a bad key before Ray starts
+    with ray_session():
+        summary = run_training(config, out=out)
+    print(json.dumps({k: summary[k] for k in ("checkpoint", "weights", "steps", "restored_from_step", "failures",
+                                              "val")}))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,23 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.config:
         raise UserError("--config is required (e.g. p2es_dist/configs/smoke.yaml)")
-    config = apply_common(args)
-    from p2es_dist.train.config import parse_job_config
-    from p2es_dist.train.trainer import run_training
-
-    parse_job_config(config)  # fail on a bad key before Ray starts
-    started = connect_ray()
-    try:
-        summary = run_training(config, out=args.out)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    print(json.dumps({k: summary[k] for k in ("checkpoint", "weights", "steps", "restored_from_step", "failures",
-                                              "val")}))
-    return 0
-
+    return train_and_print(apply_common(args), args.out)
 
 if __name__ == "__main__":
     sys.exit(run_main(main, sys.argv[1:], prog="p2es train"))

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import NamedTuple, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,12 @@ class ConditioningConfig:
     ppg_channels: int = 32  # width of the default CNN encoder
     cond_channels: int = 32  # time-aligned condition features handed to the network
     condition_on_leads: bool = True  # read `cond_leads` (the `--condition` leads) as input
+    # `ppg_encoder: foundation` (p2es_dist/models/p2es/foundation.py): the pretrained encoder's `model:`
+    # section (architecture, kept in every checkpoint), its checkpoint URI (weights, read only when
+    # reachable at construction) and whether it stays frozen.
+    ppg_encoder_model: dict[str, Any] = field(default_factory=dict)
+    ppg_encoder_checkpoint: str | None = None
+    ppg_encoder_frozen: bool = True
 
     def __post_init__(self) -> None:
         if self.ppg_channels < 1 or self.cond_channels < 1:

@@ -1,0 +1,171 @@
+"""`p2es distill` end to end: teacher outputs -> student training -> pruning -> fine-tune -> ONNX.
+
+    summary = run_distill(load_config("distill", ["distill.teacher=runs/p2es-.../step-00001000"]), out="out/")
+
+1. The teacher's few-step outputs for the train and val windows (`teacher_outputs`, cached by key).
+2. The student trains on them with Ray Train (`run_training`, the generic loop calling `Student.loss`):
+   the cached shards are its data, so every batch carries `teacher_ecg` beside the recorded leads.
+3. Its trunk channels are scored by significance (eq. 11) on training windows and the weakest
+   `prune_fraction` removed (`prune`); the pruned weights are saved as a checkpoint.
+4. The pruned student is fine-tuned from those weights for `finetune_steps` (Ray Train again).
+5. The final checkpoint (model.safetensors + model.json with the pruned widths, loadable by
+   `load_model`) is exported to ONNX and, optionally, int8 weights, each checked against PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from p2es_dist.config import to_dict
+from p2es_dist.distill.config import DistillJob, parse_distill_config
+from p2es_dist.distill.teacher_outputs import Compute, ensure_teacher_outputs, infer_with_ray
+from p2es_dist.export.loading import CHECKPOINT_CONFIG, WEIGHTS, load_model
+from p2es_dist.models.base import Batch, count_parameters
+from p2es_dist.storage import uri as uri_lib
+
+log = logging.getLogger("p2es.distill")
+
+
+def stage_config(job: DistillJob, *, model: dict[str, Any], data_uri: str, run_name: str,
+                 max_steps: int | None = None, lr: float | None = None) -> dict[str, Any]:
+    """A `p2es train` config for one stage: the cached teacher outputs as data, the student as model."""
+    train = {**job.train, "run_name": run_name}
+    if max_steps is not None:
+        train["max_steps"] = max_steps
+        train["warmup_steps"] = min(int(train.get("warmup_steps", 50)), max(1, max_steps // 10))
+    if lr is not None:
+        train["lr"] = lr
+    data = {**job.data, "uris": [data_uri], "teacher_ecg": True}
+    return {"model": model, "data": data, "train": train, "_source": job.source}
+
+
+def scoring_batches(cache_uri: str, *, windows: int, batch_size: int = 64) -> Iterator[Batch]:
+    """Up to `windows` training windows of the cached shards as torch batches (a plain pyarrow read)."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from p2es_dist.data.batches import table_to_batch
+    from p2es_dist.data.loader import READ_COLUMNS, shard_paths
+
+    filesystem, paths = shard_paths([cache_uri])
+    remaining = windows
+    for path in paths:
+        with filesystem.open_input_file(path) as handle:
+            table = pq.read_table(handle, columns=READ_COLUMNS)
+        table = table.filter(pc.equal(table.column("split"), "train")).slice(0, remaining)
+        for start in range(0, len(table), batch_size):
+            batch = table_to_batch(table.slice(start, batch_size))
+            yield {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in batch.items()}
+        remaining -= len(table)
+        if remaining <= 0:
+            return
+
+
+def save_checkpoint(model: torch.nn.Module, model_section: dict[str, Any], folder: str) -> str:
+    """model.safetensors + model.json in `folder`, the layout `load_model` reads; returns the weights URI."""
+    from safetensors.torch import save
+
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    weights_uri = uri_lib.join(folder, WEIGHTS)
+    uri_lib.write_bytes_atomic(weights_uri, save(state, metadata={"model": json.dumps(model_section)}))
+    uri_lib.write_text_atomic(uri_lib.join(folder, CHECKPOINT_CONFIG), json.dumps(model_section, indent=2))
+    return weights_uri
+
+
+def export_artifacts(model: torch.nn.Module, folder: str, batch: Batch, *, quantize: bool) -> dict[str, Any]:
+    """model.onnx (and model.int8.onnx) in `folder`, with their size and max |difference| to PyTorch."""
+    from p2es_dist.distill.onnx_io import export_onnx, onnx_max_abs_diff
+    from p2es_dist.distill.quantize import quantize_int8
+
+    report: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        files = {"onnx": export_onnx(model, Path(scratch) / "model.onnx")}
+        if quantize:
+            files["int8"] = quantize_int8(files["onnx"], Path(scratch) / "model.int8.onnx")
+        for kind, path in files.items():
+            target = uri_lib.join(folder, path.name)
+            uri_lib.write_bytes_atomic(target, path.read_bytes())
+            report[kind] = {"uri": target, "bytes": path.stat().st_size,
+                            "max_abs_diff": onnx_max_abs_diff(model, path, batch)}
+    return report
+
+
+def run_distill(config: dict[str, Any], *, out: str | None = None, compute: Compute = infer_with_ray) -> dict[str, Any]:
+    """The whole distillation (see the module docstring); writes `out/result.json` when `out` is given."""
+    from p2es_dist.distill.prune import prune_student, select_channels, significance
+    from p2es_dist.train.trainer import run_training
+
+    job = parse_distill_config(config)
+    settings = job.distill
+    teacher = load_model(settings.teacher)
+    cache = ensure_teacher_outputs(teacher_uri=teacher.uri, teacher_digest=teacher.digest,
+                                   data_uris=list(job.data["uris"]), distill=settings, compute=compute)
+    name = job.train.get("run_name") or f"student-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_folder = uri_lib.join(job.train.get("storage_path", "runs"), name)
+    model = {**job.model, "teacher_weight": settings.teacher_weight, "recorded_weight": settings.recorded_weight}
+
+    distilled = run_training(stage_config(job, model=model, data_uri=cache["uri"], run_name=f"{name}-distill"))
+    stages, final, pruning = [distilled], distilled, None
+    if settings.prune_fraction > 0:
+        full = load_model(distilled["checkpoint"]).model
+        scores = significance(full, scoring_batches(cache["uri"], windows=settings.prune_windows))
+        score = scores.score(settings.prune_lambda_w)
+        kept = select_channels(score, c1_channels=full.config.c1_channels, fraction=settings.prune_fraction)
+        pruned, pruned_config = prune_student(full, kept)
+        pruned_section = {"name": "student", **to_dict(pruned_config)}
+        pruned_section.pop("init_weights")
+        pruned_weights = save_checkpoint(pruned, pruned_section, uri_lib.join(run_folder, "pruned"))
+        pruning = {"channels_before": full.config.channels, "channels_after": len(kept), "kept": kept,
+                   "score": [round(float(s), 4) for s in score], "windows": scores.windows,
+                   "params_before": count_parameters(full), "params_after": count_parameters(pruned),
+                   "checkpoint": uri_lib.join(run_folder, "pruned")}
+        final = run_training(stage_config(job, model={**pruned_section, "init_weights": pruned_weights},
+                                          data_uri=cache["uri"], run_name=f"{name}-finetune",
+                                          max_steps=settings.finetune_steps, lr=settings.finetune_lr))
+        stages.append(final)
+        # The fine-tuned weights are complete: the final model.json must not point at the pruned ones.
+        uri_lib.write_text_atomic(uri_lib.join(final["checkpoint"], CHECKPOINT_CONFIG),
+                                  json.dumps(pruned_section, indent=2))
+
+    student = load_model(final["checkpoint"])
+    summary: dict[str, Any] = {
+        "checkpoint": final["checkpoint"],
+        "weights": uri_lib.join(final["checkpoint"], WEIGHTS),
+        "model": "student",
+        "steps": final["steps"],
+        "distill_steps": distilled["steps"],
+        "finetune_steps": final["steps"] if pruning else 0,
+        "restored_from_step": final["restored_from_step"],
+        "failures": sum(stage["failures"] for stage in stages),
+        "val": final["val"],
+        "val_before_pruning": distilled["val"] if pruning else None,
+        "params": count_parameters(student.model),
+        "bytes": len(uri_lib.read_bytes(uri_lib.join(student.uri, WEIGHTS))),
+        "student_config": student.model_config,
+        "teacher": {"uri": teacher.uri, "digest": teacher.digest, "name": teacher.name,
+                    "sampler": settings.sampler, "steps": settings.steps, "seed": settings.seed,
+                    "n_samples": settings.n_samples},
+        "teacher_outputs": {"uri": cache["uri"], "reused": cache["reused"], "n_windows": cache["n_windows"]},
+        "cache_uri": cache["uri"],
+        "teacher_digest": teacher.digest,
+        "pruning": pruning,
+        "runs": [stage["run"] for stage in stages],
+        "config": {"distill": to_dict(settings), "model": job.model, "data": job.data, "train": job.train},
+    }
+    if settings.onnx:
+        batch = next(scoring_batches(cache["uri"], windows=16))
+        summary.update(export_artifacts(student.model, uri_lib.join(run_folder, "onnx"), batch,
+                                        quantize=settings.quantize))
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "result.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,98 @@
+"""The windows an evaluation runs on: a plain pyarrow read of the shards, split filter pushed down.
+
+Why pyarrow and not Ray Data here: evaluation runs every model in this one (driver) process, over the
+same windows, in the same order, several times (the model, each baseline, the figures' re-generation).
+A pyarrow scan of the manifest-listed shards with the split filter pushed into the Parquet reader gives
+exactly that without starting Ray, and a deterministic window order (sorted by `window_id`), which
+stochastic models need to be reproducible under `--seed`: their noise depends on batch composition.
+Signals stay float16 Arrow (about 26 KB per window) until a batch is converted, so tens of thousands
+of windows fit in memory; `--max-windows` caps larger evaluations. Training-scale reading stays with
+`p2es_dist.data.loader.read_windows` (Ray Data).
+
+Batches go through `p2es_dist.data.loader.convert_block`, the same conversion training uses, so a model
+sees exactly the inputs it was trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from p2es_dist.constants import LEADS, SPLITS
+from p2es_dist.data.loader import convert_block, shard_paths
+from p2es_dist.errors import UserError
+
+EVAL_COLUMNS = ["window_id", "subject_id", "split", "ppg", "ecg", "ecg_mask", "age", "sex", "labels"]
+
+
+def _subset_key(window_id: str) -> bytes:
+    return hashlib.blake2b(window_id.encode(), digest_size=8).digest()
+
+
+def read_eval_windows(uris: list[str], *, split: str = "test", max_windows: int | None = None) -> pa.Table:
+    """Rows of `split` ("all" for every split), sorted by `window_id`.
+
+    With `max_windows`, the N windows whose ids hash lowest (blake2b) are kept: a deterministic subset
+    spread over records and subjects (the first N ids would all come from one record), and stable when
+    windows are added (a larger N keeps every window of a smaller one).
+    """
+    if split != "all" and split not in SPLITS:
+        raise UserError(f"--split: expected all, {', '.join(SPLITS)}; got {split!r}")
+    if max_windows is not None and max_windows < 1:
+        raise UserError(f"--max-windows: expected a positive number, got {max_windows}")
+    try:
+        filesystem, paths = shard_paths(uris)
+    except UserError as exc:  # the loader names its config field; here the user typed --data
+        raise UserError(str(exc).replace("data.uris", "--data", 1)) from exc
+    dataset = ds.dataset(paths, filesystem=filesystem, format="parquet")
+    row_filter = None if split == "all" else ds.field("split") == split
+    ids = dataset.to_table(columns=["window_id"], filter=row_filter).column("window_id").to_pylist()
+    if not ids:
+        raise UserError(f"--data {','.join(uris)}: no windows in split {split!r}")
+    if max_windows is not None and max_windows < len(ids):
+        ids = sorted(ids, key=_subset_key)[:max_windows]
+        chosen = pa.array(ids, pa.string())
+        row_filter = ds.field("window_id").isin(chosen) if row_filter is None else (
+            row_filter & ds.field("window_id").isin(chosen))
+    table = dataset.to_table(columns=EVAL_COLUMNS, filter=row_filter)
+    return table.take(pc.sort_indices(table, sort_keys=[("window_id", "ascending")]))
+
+
+def parse_condition(leads: list[str] | None) -> list[str]:
+    """`--condition II,V1` -> ["II", "V1"] (checked against the lead names)."""
+    leads = [lead.strip() for lead in leads or [] if lead.strip()]
+    unknown = [lead for lead in leads if lead not in LEADS]
+    if unknown:
+        raise UserError(f"--condition: unknown lead {unknown[0]!r} (expected some of {', '.join(LEADS)})")
+    return leads
+
+
+def iter_batches(table: pa.Table, *, batch_size: int, condition: list[str] | None = None,
+                 start: int = 0, stop: int | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(first row, model-space numpy batch) for consecutive slices of `table`; signals widened to float32."""
+    stop = len(table) if stop is None else stop
+    for lo in range(start, stop, batch_size):
+        batch = convert_block(table.slice(lo, min(batch_size, stop - lo)), condition_leads=condition or None)
+        for key in ("ecg", "ppg"):
+            batch[key] = batch[key].astype(np.float32)
+        yield lo, batch
+
+
+def target_mask(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """(B, 12) leads the metrics score: recorded, and not handed to the model as input."""
+    mask = batch["ecg_mask"].astype(bool)
+    if "cond_leads" in batch:
+        mask = mask & ~batch["cond_leads"].astype(bool)
+    return mask
+
+
+def to_torch(batch: dict[str, np.ndarray]) -> dict:
+    import torch
+
+    # np.require copies only arrays that are read-only (Arrow-backed) or not C-contiguous.
+    return {key: torch.from_numpy(np.require(value, requirements=["C", "W"])) for key, value in batch.items()}

@@ -1,0 +1,110 @@
+"""Evaluate a model (and baselines, on the very same windows) on window shards: SPEC section 5.
+
+    p2es evaluate --model runs/p2es/result.json --data shards/bidmc --out eval/ \
+        --baselines dct=runs/dct,li2021=runs/li2021 --classifier runs/clf --encoder runs/pretrain
+    p2es evaluate --model runs/p2es_lead2 --data shards/ptbxl --condition II --classifier runs/clf --out eval_ptbxl/
+    p2es evaluate --probe --encoder runs/pretrain --train-data shards/ptbxl --data shards/ptbxl --labels MI,NORM \
+        --out probe/
+    ray job submit --working-dir . -- python -m p2es_dist.jobs.evaluate --model s3://p2es/runs/... --data s3://...
+
+Writes `--out`/metrics.json (validated against p2es_dist/schemas/metrics.schema.json), report.md and
+figures/*.png, and prints the headline numbers as one JSON line. Runs in this process (no Ray needed):
+see `p2es_dist.evaluate.windows` for why.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from p2es_dist.cli import run_main
+from p2es_dist.errors import UserError
+from p2es_dist.jobs.common import apply_common, parser
+
+
+def _list(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+def parse_baselines(value: str | None) -> dict[str, str]:
+    """`dct=runs/dct,li2021=s3://p2es/runs/li` -> {"dct": "runs/dct", "li2021": "s3://..."}."""
+    baselines: dict[str, str] = {}
+    for item in _list(value):
+        name, sep, uri = item.partition("=")
+        if not sep or not name.strip() or not uri.strip():
+            raise UserError(f"--baselines: expected name=URI[,name=URI...], got {item!r}")
+        if name.strip() in baselines:
+            raise UserError(f"--baselines: name {name.strip()!r} given twice")
+        baselines[name.strip()] = uri.strip()
+    return baselines
+
+
+def _probe(args) -> int:
+    try:
+        from p2es_dist.evaluate.probe import run_probe
+    except ImportError as exc:
+        raise UserError("--probe: probe not available in this installation (p2es_dist.evaluate.probe)") from exc
+    if not args.encoder or not args.train_data or not args.data or not args.labels or not args.out:
+        raise UserError("--probe needs --encoder, --train-data, --data, --labels and --out")
+    result = run_probe(encoder_uri=args.encoder, train_data=_list(args.train_data), data=_list(args.data),
+                       labels=_list(args.labels), out=args.out, split=args.split, seed=args.seed,
+                       max_windows=args.max_windows)
+    print(json.dumps({"probe": result.get("probe")}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser("p2es evaluate", "signal fidelity, heart rate, fd and diagnostic value of a model on window shards")
+    p.add_argument("--model", help="checkpoint folder, job --out folder / result.json, or bundle")
+    p.add_argument("--data", help="shard folder(s) with manifest.json, comma separated")
+    p.add_argument("--baselines", help="name=URI[,name=URI...] evaluated on the same windows")
+    p.add_argument("--encoder", help="foundation encoder checkpoint: enables fd (and --probe)")
+    p.add_argument("--classifier", help="ECGClassifier checkpoint: enables the diagnostic metrics")
+    p.add_argument("--condition", help="lead(s) given as input, e.g. II or I,II,V1: 12-from-those-leads "
+                                       "reconstruction instead of PPG -> ECG")
+    p.add_argument("--split", default="test", choices=["all", "train", "val", "test"])
+    p.add_argument("--max-windows", type=int, help="evaluate a deterministic subset of N windows")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--sampler", choices=["ddim", "ancestral"], help="stochastic models: sampler (default: model's)")
+    p.add_argument("--steps", type=int, help="stochastic models: sampling steps (default: model's)")
+    p.add_argument("--seed", type=int, default=0, help="generation and bootstrap seed")
+    p.add_argument("--n-samples", type=int, default=1, help="stochastic models: draws averaged per window")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the 95 %% intervals")
+    p.add_argument("--no-dtw", action="store_true", help="skip DTW (reported as null)")
+    p.add_argument("--no-figures", action="store_true", help="write metrics.json and report.md only")
+    p.add_argument("--probe", action="store_true", help="linear-probe AUROC of --encoder instead (see --labels)")
+    p.add_argument("--train-data", help="--probe: shard folder(s) the probe is fitted on")
+    p.add_argument("--labels", help="--probe: labels, e.g. MI,NORM")
+    args = p.parse_args(argv)
+    apply_common(args)
+    if args.probe:
+        return _probe(args)
+    if not args.model or not args.data or not args.out:
+        raise UserError("--model, --data and --out are required (see `p2es evaluate --help`)")
+    if args.batch_size < 1 or args.n_samples < 1 or args.bootstrap < 0:
+        raise UserError("--batch-size and --n-samples must be >= 1, --bootstrap >= 0")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps: expected a positive number, got {args.steps}")
+
+    from p2es_dist.evaluate.pipeline import run_evaluation
+    from p2es_dist.evaluate.runner import EvalConfig, GenerationConfig
+    from p2es_dist.evaluate.windows import parse_condition
+
+    config = EvalConfig(
+        data=_list(args.data), split=args.split, max_windows=args.max_windows, batch_size=args.batch_size,
+        condition=parse_condition(_list(args.condition)), n_boot=args.bootstrap, with_dtw=not args.no_dtw,
+        generation=GenerationConfig(seed=args.seed, sampler=args.sampler, steps=args.steps,
+                                    n_samples=args.n_samples),
+    )
+    doc = run_evaluation(model_uri=args.model, config=config, out=args.out, baselines=parse_baselines(args.baselines),
+                         encoder_uri=args.encoder, classifier_uri=args.classifier, with_figures=not args.no_figures)
+    headline = {"metrics": f"{args.out}/metrics.json", "n_windows": doc["data"]["n_windows"],
+                "mse": doc["spaces"]["window"]["overall"]["mse"],
+                "pearson": doc["spaces"]["window"]["overall"]["pearson"], "hr_mae_bpm": doc["hr_mae_bpm"],
+                "fd": doc["fd"], "baselines": sorted(doc["baselines"])}
+    print(json.dumps(headline))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, sys.argv[1:], prog="p2es evaluate"))

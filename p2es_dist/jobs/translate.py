@@ -1,0 +1,68 @@
+"""PPG file (WFDB record or CSV) -> 12-lead WFDB record at 125 Hz, with a bundle or checkpoint.
+
+    p2es translate --model bundles/student --input ../shared/data/wfdb_samples/a103l --out out/a103l_ecg
+    p2es translate --model bundles/student --input bidmc_01_Signals.csv.gz --column PLETH --fs 125 \
+        --out out/bidmc_01_ecg --png out/bidmc_01_ecg.png
+
+Amplitudes are NOT calibrated: model space has no absolute scale, and one model unit is written as
+`--ecg-scale-mv` millivolts (default: the bundle's `preprocessing.ecg_scale_mv`, else 1.0). The
+record's header comments say so.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from p2es_dist.cli import run_main
+from p2es_dist.constants import FS, WINDOW
+from p2es_dist.errors import UserError
+from p2es_dist.jobs.common import apply_common, parser
+
+_SEX = {"f": 0, "female": 0, "m": 1, "male": 1, "u": -1, "unknown": -1}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser("p2es translate", "PPG file (WFDB record or CSV) -> 12-lead WFDB record (PREFIX.hea + PREFIX.dat)")
+    for action in p._actions:  # the shared --out means a folder elsewhere; here it is a record prefix
+        if action.dest == "out":
+            action.help, action.metavar = "output record, written as PREFIX.hea + PREFIX.dat (125 Hz, mV)", "PREFIX"
+    p.add_argument("--model", required=True, help="bundle from `p2es export`, or a checkpoint / job --out folder")
+    p.add_argument("--input", required=True,
+                   help="WFDB record (path with or without .hea) with a PLETH/PPG channel, or a .csv/.csv.gz file")
+    p.add_argument("--column", help="PPG column (CSV) or channel (WFDB); names match after stripping spaces")
+    p.add_argument("--fs", type=float, help="sampling rate in Hz of a CSV input (required for CSV)")
+    p.add_argument("--png", help="also plot the first 10 s as a 12-lead printout to this PNG")
+    p.add_argument("--hop", type=int, default=WINDOW // 2,
+                   help=f"samples at {FS} Hz between {WINDOW}-sample windows (default {WINDOW // 2})")
+    p.add_argument("--seed", type=int, default=0, help="seed of stochastic models (default 0)")
+    p.add_argument("--age", type=float, help="age in years (default: the WFDB header's, else unknown)")
+    p.add_argument("--sex", type=str.lower, choices=sorted(_SEX), help="sex (default: the WFDB header's, else unknown)")
+    p.add_argument("--ecg-scale-mv", type=float,
+                   help="mV written per model-space unit; amplitudes are a convention, NOT calibrated "
+                        "(default: the bundle's preprocessing.ecg_scale_mv, else 1.0: the largest lead "
+                        "peaks near 1 mV)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per model call (default 16)")
+    p.epilog = ("Output: 12 leads (I II III aVR aVL aVF V1-V6) at 125 Hz, as long as the input. Amplitudes are NOT "
+                "calibrated: the model works without absolute scale; see --ecg-scale-mv.")
+    args = p.parse_args(argv)
+    if not args.out:
+        raise UserError("--out: required (the output record PREFIX, e.g. out/a103l_ecg)")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size: expected a positive number, got {args.batch_size}")
+    if args.ecg_scale_mv is not None and not args.ecg_scale_mv > 0:
+        raise UserError(f"--ecg-scale-mv: expected a positive number of mV, got {args.ecg_scale_mv}")
+    apply_common(args)
+    from p2es_dist.translate.run import TranslateConfig, translate_file
+
+    config = TranslateConfig(hop=args.hop, seed=args.seed, batch_size=args.batch_size,
+                             ecg_scale_mv=args.ecg_scale_mv, age=args.age,
+                             sex=None if args.sex is None else _SEX[args.sex])
+    summary = translate_file(model=args.model, input=args.input, out=args.out, column=args.column, fs=args.fs,
+                             png=args.png, config=config)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, sys.argv[1:], prog="p2es translate"))
