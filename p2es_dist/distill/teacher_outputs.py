@@ -71,8 +71,8 @@ def predict_table(model: Any, table: pa.Table, *, seed: int, kwargs: dict[str, A
     if len(table) == 0:
         empty = pa.array([], type=pa.list_(pa.float16(), N_LEADS * WINDOW))
         return table.append_column(TEACHER_COLUMN, empty)
-    batch = {key: torch.from_numpy(np.ascontiguousarray(value)).to(device)
-             for key, value in table_to_batch(table).items()}
+    # np.array copies: Arrow buffers are read-only, and torch must not alias memory it could write to.
+    batch = {key: torch.from_numpy(np.array(value)).to(device) for key, value in table_to_batch(table).items()}
     with torch.no_grad():
         ecg = model.generate(batch, seed=seed, **kwargs).float().cpu().numpy()
     flat = np.clip(np.nan_to_num(ecg), -FLOAT16_LIMIT, FLOAT16_LIMIT).astype(np.float16).reshape(-1)

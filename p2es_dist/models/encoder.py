@@ -11,8 +11,9 @@ Pretraining (`loss`), per window, over its recorded channels:
     other channel ("whole channel masked": what `reconstruct` does at evaluation);
   - otherwise drop each recorded channel with probability `channel_drop_p` (at least one stays), and
     hide each remaining patch with probability `mask_ratio` (time masking).
-The encoder sees the visible patches only; a light decoder (MAE) fills mask tokens in and predicts the
-samples of every hidden patch of a recorded channel. The loss is the MSE on those patches only, in model
+The encoder sees the visible patches only; a light decoder (MAE) fills mask tokens in (each starting from
+the mean of the visible tokens at its time position) and predicts the samples of every hidden patch of a
+recorded channel. The loss is the MSE on those patches only, in model
 space; unrecorded channels are neither input nor target, so NaN or junk there is harmless.
 
 Use:
@@ -156,7 +157,14 @@ class Decoder(nn.Module):
 
     def forward(self, tokens: Tensor, visible: Tensor, queries: Tensor) -> Tensor:
         """tokens (B, C, P, D) from the backbone; visible, queries (B, C, P) bool -> (B, C, P, patch_len)."""
-        x = torch.where(visible[..., None], self.project(tokens), self.mask_token)
+        projected = self.project(tokens)
+        # A hidden token starts from the mean of the visible tokens at its own time position: the other
+        # leads at the same instant are what a hidden lead is mostly made of (I ~ 0.6 II in PTB-XL). With
+        # only a mask token, attention must first learn to find the same time position among ~400 tokens,
+        # and the tiny encoder did not within its 10-minute budget: it predicted the per-lead mean.
+        weight = visible[..., None].to(projected.dtype)
+        column = (projected * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp_min(1)
+        x = torch.where(visible[..., None], projected, self.mask_token + column)
         x = x + self.channel[:, None, :] + self.position[None, :, :]
         batch, channels, patches, width = x.shape
         packed, valid, index = pack(x.reshape(batch, -1, width), (visible | queries).reshape(batch, -1))
