@@ -243,3 +243,28 @@ def test_export_to_s3_and_load_back(tmp_path: Path, li2021_checkpoint: Path, s3_
     assert torch.equal(load_pretrained(bundle).generate(batch), expected)
     with pytest.raises(UserError, match="--overwrite"):
         write_bundle(str(li2021_checkpoint), bundle, no_metrics=True)
+
+
+def test_encoder_bundle_carries_its_probe_evaluation(tmp_path: Path) -> None:
+    checkpoint = save_checkpoint(tmp_path / "encoder", {"name": "encoder", "size": "tiny"})
+    probe = {"probe": {"MI": {"auroc": 0.6146, "auroc_random_init": 0.5799, "n": 44, "n_pos": 8},
+                       "NORM": {"auroc": 0.7906, "auroc_random_init": 0.6175, "n": 44, "n_pos": 26}},
+             "probe_data": {"train": {"uri": ["s3://p2es/ptbxl"], "split": "train", "n_windows": 456},
+                            "eval": {"uri": ["s3://p2es/ptbxl"], "split": "test", "n_windows": 44},
+                            "classifier": "L2 logistic regression on standardised embed features"},
+             "reconstruction": {"given": ["II"], "split": "test", "n_windows": 44, "space": "window",
+                                "metric": "mse on recorded leads that were not given", "baseline": "per-lead mean",
+                                "leads": {"I": {"mse": 0.0061, "mse_baseline": 0.0063, "n": 44}},
+                                "overall": {"mse": 0.01114, "mse_baseline": 0.01151}}}
+    (tmp_path / "metrics.json").write_text(json.dumps(probe))
+    summary = write_bundle(str(checkpoint), str(tmp_path / "bundle"), metrics=str(tmp_path / "metrics.json"))
+    config = json.loads((tmp_path / "bundle" / "config.json").read_text())
+    assert config["kind"] == "encoder" and "model.onnx" not in summary.get("files", [])
+    card = (tmp_path / "bundle" / "MODEL_CARD.md").read_text()
+    for text in ("evaluate --probe", "**test**", "0.6146", "0.5799", "0.7906", "0.01114", "0.01151"):
+        assert text in card, text
+    loaded = load_pretrained(str(tmp_path / "bundle"))
+    assert loaded.__class__.__name__ == "Encoder"
+    (tmp_path / "bad.json").write_text(json.dumps({"model": {}}))
+    with pytest.raises(UserError, match="'probe' for an encoder"):
+        write_bundle(str(checkpoint), str(tmp_path / "bundle2"), metrics=str(tmp_path / "bad.json"))

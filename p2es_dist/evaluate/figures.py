@@ -26,7 +26,8 @@ _LAYOUT: tuple[tuple[str, ...], ...] = (
     ("III", "aVF", "V3", "V6"),
 )
 _PANEL_S = 2.5
-_TRACE_COLOURS = ("black", "tab:red", "tab:blue", "tab:green", "tab:purple")
+_TRACE_COLOURS = ("black", "tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:cyan",
+                  "tab:olive", "tab:pink")  # recorded first; a baseline per colour up to nine
 _PAPER_MAJOR, _PAPER_MINOR = "#f4a6a6", "#fbe0e0"
 _LABEL_BOX = {"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1.0}
 

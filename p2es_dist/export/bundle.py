@@ -55,8 +55,10 @@ def read_metrics(path: str) -> tuple[dict[str, Any], bytes]:
         metrics = json.loads(raw)
     except ValueError as exc:
         raise UserError(f"--metrics {path}: not valid JSON ({exc})") from None
-    if not isinstance(metrics, dict) or "spaces" not in metrics:
-        raise UserError(f"--metrics {path}: expected the metrics.json of `p2es evaluate` (an object with 'spaces')")
+    # Generators are evaluated on signals ('spaces'); encoders by `p2es evaluate --probe` ('probe').
+    if not isinstance(metrics, dict) or not ("spaces" in metrics or "probe" in metrics):
+        raise UserError(f"--metrics {path}: expected the metrics.json of `p2es evaluate` (an object with 'spaces', "
+                        "or with 'probe' for an encoder)")
     return metrics, raw
 
 

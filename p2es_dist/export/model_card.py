@@ -75,7 +75,34 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + [""]
 
 
+def _probe_section(metrics: dict[str, Any]) -> list[str]:
+    """An encoder's evaluation: `p2es evaluate --probe` (linear probes, masked-lead reconstruction)."""
+    data = metrics.get("probe_data", {})
+    train, held_out = data.get("train", {}), data.get("eval", {})
+    lines = ["## Evaluation", "",
+             f"Measured by `p2es evaluate --probe`: {data.get('classifier', 'logistic regression')}, fitted "
+             f"on frozen encoder features of `{', '.join(train.get('uri', []))}` (split {train.get('split')}, "
+             f"{_fmt(train.get('n_windows'))} windows), AUROC on `{', '.join(held_out.get('uri', []))}`, split "
+             f"**{held_out.get('split', 'unknown')}** ({_fmt(held_out.get('n_windows'))} windows). The floor is "
+             "a randomly initialised encoder of the same size, probed the same way.", ""]
+    lines += _table(["label", "AUROC", "AUROC random init", "positives", "windows"],
+                    [[label, row.get("auroc"), row.get("auroc_random_init"), row.get("n_pos"), row.get("n")]
+                     for label, row in metrics["probe"].items()])
+    recon = metrics.get("reconstruction") or {}
+    if recon.get("overall"):
+        lines += [f"Masked-lead reconstruction from {', '.join(recon.get('given', []))} ({recon.get('metric')}, "
+                  f"{recon.get('space')} space, {_fmt(recon.get('n_windows'))} windows of split {recon.get('split')}); "
+                  f"baseline: {recon.get('baseline')}:", ""]
+        lines += _table(["lead", "mse", "mse baseline", "n"],
+                        [[lead, row.get("mse"), row.get("mse_baseline"), row.get("n")]
+                         for lead, row in (recon.get("leads") or {}).items()]
+                        + [["overall", recon["overall"].get("mse"), recon["overall"].get("mse_baseline"), None]])
+    return lines + ["The complete numbers are in `metrics.json`, a copy of the evaluation's output.", ""]
+
+
 def _metrics_section(metrics: dict[str, Any]) -> list[str]:
+    if "probe" in metrics and "spaces" not in metrics:
+        return _probe_section(metrics)
     data = metrics.get("data", {})
     lines = ["## Evaluation", ""]
     lines.append(f"Measured by `p2es evaluate` on `{data.get('uri', 'unknown data')}`, split "
