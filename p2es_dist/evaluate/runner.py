@@ -86,9 +86,14 @@ class ModelRun:
 def _progress(iterable, *, total: int, desc: str, enabled: bool):
     if not enabled:
         return iterable
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit="batch", disable=None, leave=False)
+    # Not a terminal (`ray job submit`, a log file): still report, but every 30 s instead of redrawing a bar.
+    interactive = sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=interactive,
+                mininterval=0.1 if interactive else 30.0)
 
 
 def _n_batches(table: pa.Table, config: EvalConfig) -> int:
