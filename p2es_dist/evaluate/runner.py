@@ -13,6 +13,7 @@ Stochastic models draw their noise with seed `generation.seed + first row of the
 from __future__ import annotations
 
 import inspect
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,8 +87,6 @@ class ModelRun:
 def _progress(iterable, *, total: int, desc: str, enabled: bool):
     if not enabled:
         return iterable
-    import sys
-
     from tqdm.auto import tqdm
 
     # Not a terminal (`ray job submit`, a log file): still report, but every 30 s instead of redrawing a bar.

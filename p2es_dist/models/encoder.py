@@ -37,7 +37,15 @@ from torch import Tensor, nn
 
 from p2es_dist.constants import N_LEADS, WINDOW
 from p2es_dist.models.base import Batch
-from p2es_dist.models.encoder_blocks import Backbone, Transformer, init_weights, pack, scaled_residual_init, unpack
+from p2es_dist.models.encoder_blocks import (
+    Backbone,
+    Transformer,
+    init_weights,
+    masked_mean,
+    pack,
+    scaled_residual_init,
+    unpack,
+)
 from p2es_dist.models.registry import register
 
 N_CHANNELS = N_LEADS + 1  # 12 leads, then PPG
@@ -162,8 +170,7 @@ class Decoder(nn.Module):
         # leads at the same instant are what a hidden lead is mostly made of (I ~ 0.6 II in PTB-XL). With
         # only a mask token, attention must first learn to find the same time position among ~400 tokens,
         # and the tiny encoder did not within its 10-minute budget: it predicted the per-lead mean.
-        weight = visible[..., None].to(projected.dtype)
-        column = (projected * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp_min(1)
+        column = masked_mean(projected, visible, dim=1, keepdim=True)
         x = torch.where(visible[..., None], projected, self.mask_token + column)
         x = x + self.channel[:, None, :] + self.position[None, :, :]
         batch, channels, patches, width = x.shape
@@ -231,8 +238,7 @@ class Encoder(nn.Module):
         """(B, width): mean of the recorded channels' tokens; eval mode, no grad. Zeros for an empty window."""
         with inference(self):
             tokens, padding = self.encode(batch)
-            valid = (~padding)[..., None].to(tokens.dtype)
-            return (tokens * valid).sum(dim=(1, 2)) / valid.sum(dim=(1, 2)).clamp_min(1)
+            return masked_mean(tokens, ~padding, dim=(1, 2))
 
     def reconstruct(self, batch: Batch, given: Tensor) -> Tensor:
         """(B, 12, L) model-space leads predicted from the `given` (B, 13) recorded channels."""

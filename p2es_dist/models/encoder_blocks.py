@@ -71,6 +71,12 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
+def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...], *, keepdim: bool = False) -> Tensor:
+    """Mean of x (..., D) over `dim` where mask (...) is True; zeros where nothing is."""
+    weight = mask[..., None].to(x.dtype)
+    return (x * weight).sum(dim=dim, keepdim=keepdim) / weight.sum(dim=dim, keepdim=keepdim).clamp_min(1)
+
+
 def pack(tokens: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(B, N, D) tokens, (B, N) keep -> packed (B, n, D), valid (B, n), index (B, n) into N.
 

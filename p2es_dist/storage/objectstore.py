@@ -362,9 +362,6 @@ def running(state_dir: str | os.PathLike | None = None, **start_kwargs) -> Itera
         stop(state_dir)
 
 
-# --- `p2es objectstore` --------------------------------------------------------------------------------------
-
-
 def main(argv: list[str] | None = None) -> int:
     """`p2es objectstore start|stop|status [--dir DIR]`; `start` prints shell `export` lines on stdout."""
     parser = argparse.ArgumentParser(prog="p2es objectstore", description="The embedded S3 object store.")
@@ -397,8 +394,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    from p2es_dist.cli import run_main
+
+    sys.exit(run_main(main, sys.argv[1:], prog="p2es objectstore"))
