@@ -125,6 +125,23 @@ def test_embed_is_eval_and_restores_training_mode() -> None:
     assert model.training
 
 
+def test_channel_embed_keeps_each_channel_apart_and_averages_to_embed() -> None:
+    model = encoder()
+    batch = make_batch("3lead", seed=3)
+    per_channel = model.channel_embed(batch).reshape(4, N_CHANNELS, model.width)
+    recorded = torch.zeros(N_CHANNELS, dtype=torch.bool)
+    recorded[THREE_LEADS] = True
+    assert torch.all(per_channel[:, ~recorded] == 0) and torch.all(per_channel[:, recorded].abs().sum(-1) > 0)
+    # Every recorded channel has the same number of tokens: embed is the mean of the recorded channels' rows.
+    torch.testing.assert_close(per_channel[:, recorded].mean(dim=1), model.embed(batch), atol=1e-6, rtol=1e-5)
+    # Changing one lead moves that lead's row (and, through attention, the others), never an absent row.
+    changed = dict(batch, ecg=batch["ecg"].clone())
+    changed["ecg"][:, THREE_LEADS[0]] *= -1
+    moved = model.channel_embed(changed).reshape(4, N_CHANNELS, model.width)
+    assert not torch.allclose(moved[:, THREE_LEADS[0]], per_channel[:, THREE_LEADS[0]], atol=1e-3)
+    assert torch.all(moved[:, ~recorded] == 0)
+
+
 # --- pretraining masks and loss ----------------------------------------------------------------------
 def test_pretraining_masks_follow_the_recorded_channels() -> None:
     present = torch.rand(4000, N_CHANNELS, generator=torch.Generator().manual_seed(0)) < 0.5

@@ -247,7 +247,9 @@ def test_export_to_s3_and_load_back(tmp_path: Path, li2021_checkpoint: Path, s3_
 
 def test_encoder_bundle_carries_its_probe_evaluation(tmp_path: Path) -> None:
     checkpoint = save_checkpoint(tmp_path / "encoder", {"name": "encoder", "size": "tiny"})
-    probe = {"probe": {"MI": {"auroc": 0.6146, "auroc_random_init": 0.5799, "n": 44, "n_pos": 8},
+    probe = {"probe": {"MI": {"auroc": 0.6146, "auroc_random_init": 0.5799, "n": 44, "n_pos": 8,
+                              "auroc_ci95": [0.3651, 0.8474], "auroc_gain_ci95": [-0.0571, 0.3529],
+                              "cv_auroc": 0.7826},
                        "NORM": {"auroc": 0.7906, "auroc_random_init": 0.6175, "n": 44, "n_pos": 26}},
              "probe_data": {"train": {"uri": ["s3://p2es/ptbxl"], "split": "train", "n_windows": 456},
                             "eval": {"uri": ["s3://p2es/ptbxl"], "split": "test", "n_windows": 44},
@@ -261,7 +263,8 @@ def test_encoder_bundle_carries_its_probe_evaluation(tmp_path: Path) -> None:
     config = json.loads((tmp_path / "bundle" / "config.json").read_text())
     assert config["kind"] == "encoder" and "model.onnx" not in summary.get("files", [])
     card = (tmp_path / "bundle" / "MODEL_CARD.md").read_text()
-    for text in ("evaluate --probe", "**test**", "0.6146", "0.5799", "0.7906", "0.01114", "0.01151"):
+    for text in ("evaluate --probe", "**test**", "0.6146", "0.5799", "0.7906", "0.01114", "0.01151",
+                 "0.6146 [0.3651, 0.8474]", "[-0.0571, 0.3529]", "0.7826"):
         assert text in card, text
     loaded = load_pretrained(str(tmp_path / "bundle"))
     assert loaded.__class__.__name__ == "Encoder"

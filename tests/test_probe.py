@@ -14,7 +14,17 @@ from safetensors.torch import save_file
 
 from p2es_dist.constants import LEAD_INDEX
 from p2es_dist.errors import UserError
-from p2es_dist.evaluate.probe import LogisticProbe, auroc, run_probe, window_batches
+from p2es_dist.evaluate.probe import (
+    DEFAULT_L2,
+    L2_GRID,
+    LogisticProbe,
+    auroc,
+    bootstrap_intervals,
+    run_probe,
+    select_l2,
+    subject_folds,
+    window_batches,
+)
 from p2es_dist.evaluate.reconstruction import run_reconstruction
 from p2es_dist.models.registry import build_model
 
@@ -51,6 +61,59 @@ def test_logistic_probe_separates_a_toy_problem_and_reaches_the_optimum() -> Non
     loss = torch.nn.functional.binary_cross_entropy_with_logits(xs @ w + b, target)
     (loss + 0.5 * 1e-2 * w.square().sum()).backward()
     assert float(w.grad.abs().max()) < 1e-5 and abs(float(b.grad)) < 1e-5
+
+
+# --- regularisation by grouped CV, and subject-level intervals -------------------------------------------
+def test_subject_folds_keep_a_subjects_windows_together() -> None:
+    subjects = np.repeat(np.arange(40), 3)[np.random.default_rng(1).permutation(120)]
+    folds = subject_folds(subjects, 5, seed=0)
+    assert set(folds) == set(range(5))
+    for subject in range(40):
+        assert len(set(folds[subjects == subject])) == 1
+    assert np.bincount(folds).tolist() == [24] * 5  # 8 subjects of 3 windows per fold
+    assert np.array_equal(folds, subject_folds(subjects, 5, seed=0))
+
+
+def test_select_l2_follows_the_cross_validated_auroc() -> None:
+    # The class shows only in the difference of two strongly correlated features: a strongly regularised
+    # probe points along the mean difference (feature 0 alone, swamped by the shared part), so CV must
+    # pick the weakest penalty of the grid.
+    rng = np.random.default_rng(0)
+    n = 200
+    y = rng.integers(0, 2, n)
+    shared = 10 * rng.normal(size=n)
+    x = np.column_stack([shared + y + 0.2 * rng.normal(size=n), shared + 0.2 * rng.normal(size=n),
+                         rng.normal(size=(n, 3))])
+    l2, cv_auroc = select_l2(x, y, np.arange(n))
+    assert l2 == min(L2_GRID) and cv_auroc > 0.85
+    strong = LogisticProbe(l2=max(L2_GRID)).fit(x[:150], y[:150])
+    assert auroc(strong.decision_function(x[150:]), y[150:]) < 0.7
+    # Fewer subjects than folds, or a fold whose training part holds one class: the default, no CV figure.
+    assert select_l2(x, y, np.arange(n) % 3) == (DEFAULT_L2, None)
+    one_positive_subject = np.where(y == 1, 0, np.arange(n) + 1)
+    assert select_l2(x, y, one_positive_subject) == (DEFAULT_L2, None)
+
+
+def test_bootstrap_resamples_subjects_not_windows() -> None:
+    rng = np.random.default_rng(0)
+    n = 60
+    y = np.arange(n) % 3 == 0
+    scores = y + rng.normal(size=n)
+    floor = rng.normal(size=n)
+    once = bootstrap_intervals(scores, floor, y, np.arange(n))
+    lo, hi = once["auroc_ci95"]
+    assert lo < auroc(scores, y) < hi and hi - lo > 0.1
+    assert once["auroc_gain_ci95"][0] > 0  # a real signal against a random scorer
+    # Every window twice, under the same subject: same subjects drawn, same AUROCs, the same intervals
+    # (a window-level bootstrap would narrow them as if there were twice the data).
+    twice = bootstrap_intervals(np.repeat(scores, 2), np.repeat(floor, 2), np.repeat(y, 2), np.repeat(np.arange(n), 2))
+    for key in once:
+        np.testing.assert_allclose(twice[key], once[key])
+    assert bootstrap_intervals(scores, scores, y, np.arange(n))["auroc_gain_ci95"] == [0.0, 0.0]
+    # Every positive from one subject: resampling subjects cannot say how another would score.
+    one_positive_subject = np.where(y, 0, np.arange(n) + 1)
+    assert bootstrap_intervals(scores, floor, y, one_positive_subject) == {
+        "auroc_ci95": None, "auroc_random_init_ci95": None, "auroc_gain_ci95": None}
 
 
 # --- on real BIDMC windows, relabelled so the probe has two classes -------------------------------------
@@ -94,10 +157,26 @@ def test_run_probe_writes_the_probe_block(shards, encoder_checkpoint, tmp_path) 
         block = metrics["probe"][label]
         assert block["n"] == 16 and block["n_pos"] == 8 and block["n_train"] == 16
         assert 0.0 <= block["auroc"] <= 1.0 and 0.0 <= block["auroc_random_init"] <= 1.0
+        # Two subjects cannot be cross-validated in 5 folds: the default l2, and no CV figure claimed.
+        assert block["l2"] == block["l2_random_init"] == DEFAULT_L2 and block["cv_auroc"] is None
+        assert {"auroc_ci95", "auroc_random_init_ci95", "auroc_gain_ci95"} <= set(block)
+    assert metrics["probe_data"]["features"] == "channels (Encoder.channel_embed)"
     # MI and NORM are complements here: the probes' scores mirror, so their AUROCs agree.
     assert metrics["probe"]["MI"]["auroc"] == pytest.approx(metrics["probe"]["NORM"]["auroc"], abs=0.05)
     recon = metrics["reconstruction"]
     assert recon["given"] == ["II"] and recon["n_windows"] == 16 and set(recon["leads"]) == {"aVR"}
+
+
+def test_probe_features_can_be_the_single_mean_embedding(shards, encoder_checkpoint, tmp_path) -> None:
+    channels = run_probe(encoder_uri=encoder_checkpoint, train_data=[shards], data=[shards], labels=["MI"],
+                         out=str(tmp_path / "channels"))
+    mean = run_probe(encoder_uri=encoder_checkpoint, train_data=[shards], data=[shards], labels=["MI"],
+                     out=str(tmp_path / "mean"), features="mean")
+    assert mean["probe_data"]["features"] == "mean (Encoder.embed)"
+    assert mean["probe"]["MI"]["n"] == channels["probe"]["MI"]["n"] == 16
+    with pytest.raises(UserError, match="--probe-features"):
+        run_probe(encoder_uri=encoder_checkpoint, train_data=[shards], data=[shards], labels=["MI"],
+                  out=str(tmp_path), features="max")
 
 
 def test_run_probe_errors(shards, encoder_checkpoint, tmp_path) -> None:

@@ -75,6 +75,15 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + [""]
 
 
+def _interval(bounds: list[float] | None) -> str | None:
+    return None if not bounds else f"[{_fmt(bounds[0])}, {_fmt(bounds[1])}]"
+
+
+def _with_interval(row: dict[str, Any], key: str) -> str:
+    bounds = _interval(row.get(f"{key}_ci95"))
+    return _fmt(row.get(key)) + (f" {bounds}" if bounds else "")
+
+
 def _probe_section(metrics: dict[str, Any]) -> list[str]:
     """An encoder's evaluation: `p2es evaluate --probe` (linear probes, masked-lead reconstruction)."""
     data = metrics.get("probe_data", {})
@@ -84,9 +93,13 @@ def _probe_section(metrics: dict[str, Any]) -> list[str]:
              f"on frozen encoder features of `{', '.join(train.get('uri', []))}` (split {train.get('split')}, "
              f"{_fmt(train.get('n_windows'))} windows), AUROC on `{', '.join(held_out.get('uri', []))}`, split "
              f"**{held_out.get('split', 'unknown')}** ({_fmt(held_out.get('n_windows'))} windows). The floor is "
-             "a randomly initialised encoder of the same size, probed the same way.", ""]
-    lines += _table(["label", "AUROC", "AUROC random init", "positives", "windows"],
-                    [[label, row.get("auroc"), row.get("auroc_random_init"), row.get("n_pos"), row.get("n")]
+             "a randomly initialised encoder of the same size, probed the same way. Brackets: "
+             f"{data.get('intervals', '95 % intervals')}; CV AUROC: out-of-fold, on the training windows.", ""]
+    lines += _table(["label", "AUROC", "AUROC random init", "gain", "CV AUROC", "CV AUROC random init",
+                     "positives", "windows"],
+                    [[label, _with_interval(row, "auroc"), _with_interval(row, "auroc_random_init"),
+                      _interval(row.get("auroc_gain_ci95")), row.get("cv_auroc"), row.get("cv_auroc_random_init"),
+                      row.get("n_pos"), row.get("n")]
                      for label, row in metrics["probe"].items()])
     recon = metrics.get("reconstruction") or {}
     if recon.get("overall"):

@@ -48,7 +48,7 @@ def _probe(args) -> int:
         raise UserError("--probe needs --encoder, --train-data, --data, --labels and --out")
     result = run_probe(encoder_uri=args.encoder, train_data=_list(args.train_data), data=_list(args.data),
                        labels=_list(args.labels), out=args.out, split=args.split, seed=args.seed,
-                       max_windows=args.max_windows)
+                       features=args.probe_features, bootstrap=args.bootstrap, max_windows=args.max_windows)
     print(json.dumps({"probe": result.get("probe")}))
     return 0
 
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe", action="store_true", help="linear-probe AUROC of --encoder instead (see --labels)")
     p.add_argument("--train-data", help="--probe: shard folder(s) the probe is fitted on")
     p.add_argument("--labels", help="--probe: labels, e.g. MI,NORM")
+    p.add_argument("--probe-features", default="channels", choices=["channels", "mean"],
+                   help="--probe: per-channel token means (default) or one mean over all tokens")
     args = p.parse_args(argv)
     apply_common(args)
     if args.probe:

@@ -18,6 +18,7 @@ space; unrecorded channels are neither input nor target, so NaN or junk there is
 
 Use:
   `embed(batch) -> (B, width)`: mean of the final tokens of the recorded channels; eval mode, no masking.
+  `channel_embed(batch) -> (B, 13 * width)`: the same mean per channel (zeros where not recorded), for probes.
   `encode(batch) -> Encoded(tokens (B, 13, P, width), padding (B, 13, P))`: padding is True where a
       token does not exist (channel not recorded); those tokens are zeros.
   `reconstruct(batch, given (B, 13) bool) -> (B, 12, L)`: all 12 leads predicted from the given recorded
@@ -239,6 +240,13 @@ class Encoder(nn.Module):
         with inference(self):
             tokens, padding = self.encode(batch)
             return masked_mean(tokens, ~padding, dim=(1, 2))
+
+    def channel_embed(self, batch: Batch) -> Tensor:
+        """(B, 13 * width): each channel's tokens averaged over time, channels in order; zeros for a channel
+        that is not recorded. Eval mode, no grad. Keeps where a feature is (an MI shows in some leads only)."""
+        with inference(self):
+            tokens, padding = self.encode(batch)
+            return masked_mean(tokens, ~padding, dim=2).flatten(1)
 
     def reconstruct(self, batch: Batch, given: Tensor) -> Tensor:
         """(B, 12, L) model-space leads predicted from the `given` (B, 13) recorded channels."""
