@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from torch import Tensor
 
 from p2es_dist.constants import LABEL_INDEX, LABELS
 from p2es_dist.errors import UserError
+from p2es_dist.evaluate.diagnostic import auroc
 from p2es_dist.models.base import Batch, count_parameters
 from p2es_dist.storage import uri as uri_lib
 
@@ -62,17 +62,7 @@ def window_batches(uris: Sequence[str], split: str, *, max_windows: int | None =
             yield {key: torch.from_numpy(np.array(value)) for key, value in table_to_batch(table).items()}
 
 
-# --- logistic regression and AUROC -------------------------------------------------------------------
-def auroc(scores: np.ndarray, targets: np.ndarray) -> float | None:
-    """Area under the ROC curve (Mann-Whitney, ties count half); None when one class is missing."""
-    targets = np.asarray(targets).astype(bool)
-    n_pos, n_neg = int(targets.sum()), int((~targets).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    ranks = rankdata(np.asarray(scores, dtype=np.float64))
-    return float((ranks[targets].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
+# --- logistic regression ---------------------------------------------------------------------------
 class LogisticProbe:
     """Standardised features -> L2-regularised logistic regression, fitted with full-batch L-BFGS.
 
@@ -133,16 +123,17 @@ def select_l2(x: np.ndarray, y: np.ndarray, subjects: np.ndarray, *, seed: int =
     fold = subject_folds(subjects, CV_FOLDS, seed)
     if len(np.unique(subjects)) < CV_FOLDS or any(np.ptp(y[fold != k]) == 0 for k in range(CV_FOLDS)):
         return DEFAULT_L2, None
-    best: tuple[float, float | None] = (DEFAULT_L2, None)
-    for l2 in L2_GRID:
+
+    def out_of_fold_auroc(l2: float) -> float:
         scores = np.zeros(len(y))
         for k in range(CV_FOLDS):
             held = fold == k
             scores[held] = LogisticProbe(l2=l2).fit(x[~held], y[~held]).decision_function(x[held])
-        score = auroc(scores, y)
-        if score is not None and (best[1] is None or score > best[1]):
-            best = (l2, score)
-    return best
+        return auroc(scores, y)  # both classes are present: every fold's training part has them
+
+    cv = {l2: out_of_fold_auroc(l2) for l2 in L2_GRID}
+    best = max(L2_GRID, key=cv.__getitem__)  # the first of equals
+    return best, cv[best]
 
 
 def bootstrap_intervals(pretrained: np.ndarray, random_init: np.ndarray, y: np.ndarray, subjects: np.ndarray, *,
@@ -174,14 +165,6 @@ def bootstrap_intervals(pretrained: np.ndarray, random_init: np.ndarray, y: np.n
             "auroc_gain_ci95": interval(values[:, 0] - values[:, 1])}
 
 
-def probe_scores(train_x: np.ndarray, train_y: np.ndarray, train_subjects: np.ndarray, eval_x: np.ndarray,
-                 seed: int = 0) -> tuple[np.ndarray, float, float | None]:
-    """Held-out decision scores of a probe whose l2 was chosen by CV on the training side, that l2 and
-    its CV AUROC."""
-    l2, cv_auroc = select_l2(train_x, train_y, train_subjects, seed=seed)
-    return LogisticProbe(l2=l2).fit(train_x, train_y).decision_function(eval_x), l2, cv_auroc
-
-
 def probe_label(train: tuple[dict[str, np.ndarray], np.ndarray, np.ndarray],
                 held_out: tuple[dict[str, np.ndarray], np.ndarray, np.ndarray], *, seed: int = 0,
                 bootstrap: int = 1000) -> dict[str, Any]:
@@ -193,9 +176,9 @@ def probe_label(train: tuple[dict[str, np.ndarray], np.ndarray, np.ndarray],
         return {"auroc": None, "auroc_random_init": None, **block}
     scores = {}
     for name, suffix in (("pretrained", ""), ("random_init", "_random_init")):
-        scores[name], block[f"l2{suffix}"], block[f"cv_auroc{suffix}"] = probe_scores(
-            train_x[name], train_y, train_subjects, eval_x[name], seed)
-        block[f"auroc{suffix}"] = auroc(scores[name], eval_y)
+        l2, block[f"cv_auroc{suffix}"] = select_l2(train_x[name], train_y, train_subjects, seed=seed)
+        scores[name] = LogisticProbe(l2=l2).fit(train_x[name], train_y).decision_function(eval_x[name])
+        block[f"l2{suffix}"], block[f"auroc{suffix}"] = l2, auroc(scores[name], eval_y)
     return {**block, **bootstrap_intervals(scores["pretrained"], scores["random_init"], eval_y, eval_subjects,
                                            resamples=bootstrap, seed=seed)}
 
