@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 
 def load_pretrained(directory):  # noqa: ANN001, ANN201 - re-exported lazily so `import p2es_dist` stays light
-    """A bundle from `p2es export` -> the model, sums verified. See `p2es_dist.export.loading`."""
-    from p2es_dist.export.loading import load_pretrained as _load
+    """A bundle from `p2es export` -> the model, sums verified. See `p2es_dist.models.checkpoint`."""
+    from p2es_dist.models.checkpoint import load_pretrained as _load
 
     return _load(directory)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from p2es_dist.errors import UserError
+from p2es_dist.errors import run_main  # re-exported: the job modules call `p2es_dist.cli.run_main`
 
 # command -> (module with main(argv), one-line help). Modules load lazily: `p2es --help` must not import Ray.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("p2es_dist.jobs.distill", "teacher -> mobile student"),
     "evaluate": ("p2es_dist.jobs.evaluate", "metrics, report and figures on shards"),
     "export": ("p2es_dist.jobs.export", "publishable bundle"),
+    "calibrate": ("p2es_dist.jobs.calibrate", "paired ECG + PPG of a patient -> calibration profile (JSON)"),
     "translate": ("p2es_dist.jobs.translate", "PPG file -> 12-lead WFDB record"),
     "bench": ("p2es_dist.bench.cli", "data|synth|train|infer measurements, one JSON line each"),
     "quickstart": ("p2es_dist.jobs.quickstart", "the whole pipeline, small, on the embedded defaults"),
@@ -56,18 +57,6 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         raise
     return run_main(module.main, rest, prog=f"p2es {command}")
-
-
-def run_main(entry, argv: list[str], *, prog: str) -> int:
-    """Call a job's main, turning UserError into one line on stderr and exit code 2."""
-    try:
-        return int(entry(argv) or 0)
-    except UserError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Facts every stage agrees on (SPEC sections 3-5): rate, window, lead order, label vocabulary."""
+"""Facts every stage agrees on (shard schema `data/schema.py`, labels `data/labels.py`, model space
+`data/normalize.py`): rate, window, lead order, label vocabulary."""
 
 FS = 125  # Hz, the canonical rate every source is resampled to
 WINDOW = 1024  # samples per window (8.192 s at FS)
@@ -8,7 +9,7 @@ LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3
 N_LEADS = len(LEADS)
 LEAD_INDEX = {name: i for i, name in enumerate(LEADS)}
 
-# Canonical diagnostic vocabulary shared by all sources (SPEC section 4).
+# Canonical diagnostic vocabulary shared by all sources (mapped from each source's codes in `data/labels.py`).
 LABELS: tuple[str, ...] = (
     "NORM", "MI", "STTC", "HYP", "CD", "LBBB", "RBBB", "1AVB", "AF", "PVC", "SB", "ST", "PACE",
 )
@@ -17,4 +18,6 @@ LABEL_INDEX = {name: i for i, name in enumerate(LABELS)}
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 SEX_FEMALE, SEX_MALE, SEX_UNKNOWN = 0, 1, -1
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # of metrics.json
+# Of shards and their manifest.json; 2 added beat timing and calibration columns (data/schema.py).
+SHARD_SCHEMA_VERSION = 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +17,46 @@ NO_DATA_REASON = f"real PhysioNet data not found at {DATA_ROOT} (see ../shared/d
 
 
 
+# The unit lane (`make test-fast`): `-m "not ray and not s3 and not real_data"`, and P2ES_FAST=1 so that a
+# test reaching ../shared/data through a helper the marking below cannot see still skips instead of reading it.
+FAST = os.environ.get("P2ES_FAST") == "1"
+# Fixtures (anywhere in a test's fixture closure) that put it in a lane: Ray, the object store, real data.
+FIXTURE_MARKS = {"ray_local": ("ray", "s3"), "s3_store": ("s3",), "s3_bucket": ("s3",), "data_root": ("real_data",),
+                 "bidmc_batch": ("real_data",)}
+# Calls in a test's (or one of its fixtures') own source that read ../shared/data.
+DATA_CALLS = ("require_data(", "bidmc_windows_table(")
+
+
+def _calls_data(function, cache: dict) -> bool:
+    if function not in cache:
+        try:
+            source = inspect.getsource(function)
+        except (OSError, TypeError):
+            source = ""
+        cache[function] = any(call in source for call in DATA_CALLS)
+    return cache[function]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Add the `ray`, `s3` and `real_data` markers from what a test uses, so `-m` can select the lanes."""
+    cache: dict = {}
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        marks = {mark for name in names & set(FIXTURE_MARKS) for mark in FIXTURE_MARKS[name]}
+        functions = [getattr(item, "function", None)]
+        info = getattr(item, "_fixtureinfo", None)
+        for definitions in (getattr(info, "name2fixturedefs", None) or {}).values():
+            functions += [getattr(definition, "func", None) for definition in definitions]
+        if any(_calls_data(function, cache) for function in functions if function is not None):
+            marks.add("real_data")
+        for mark in sorted(marks - {m.name for m in item.iter_markers()}):
+            item.add_marker(mark)
+
+
 def require_data(*parts: str) -> Path:
-    """Path under ../shared/data, or skip the calling test with a reason."""
+    """Path under ../shared/data, or skip the calling test with a reason (always, under P2ES_FAST=1)."""
+    if FAST:
+        pytest.skip("P2ES_FAST=1: the unit lane does not read ../shared/data")
     path = DATA_ROOT.joinpath(*parts)
     if not path.exists():
         pytest.skip(f"{NO_DATA_REASON}; needs {'/'.join(parts)}")

@@ -1,6 +1,7 @@
 """Pytest fixtures for tests that need S3: one real embedded object store per session, a fresh bucket per test.
 
-`tests/conftest.py` does `from fixtures_s3 import *`. Tests using them carry `@pytest.mark.s3`.
+`tests/conftest.py` does `from fixtures_s3 import *`, and marks every test using them `s3` (see its
+`pytest_collection_modifyitems`).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ from p2es_dist.data.augment import (
     AugmentConfig,
     augment_batch,
     find_r_peaks,
+    ppg_shifts,
+    shift_edge_padded,
     star_warp,
 )
 from p2es_dist.errors import ConfigError
@@ -260,6 +262,49 @@ def test_config_is_checked_and_builds_from_yaml_like_dicts():
         from_dict(AugmentConfig, {"baseline_wander_hz": [0.5, 0.1]})
 
 
+def test_ppg_shift_of_zero_is_the_identity_and_draws_nothing():
+    batch = synthetic_batch()
+    assert AugmentConfig().ppg_shift_ms == 0.0  # off by default
+    assert not ppg_shifts(only(), 4, seed=3).any()
+    out = augment_batch(batch, only(ppg_shift_ms=0.0), seed=3)
+    np.testing.assert_array_equal(out["ppg"], batch["ppg"])
+    np.testing.assert_array_equal(out["ecg"], batch["ecg"])
+    # With other augmentations on, a zero shift leaves their draws (and results) as they were.
+    others = dict(star_p=1.0, amp_scale_p=1.0, ppg_motion_p=1.0)
+    np.testing.assert_array_equal(augment_batch(batch, only(**others), seed=3)["ppg"],
+                                  augment_batch(batch, only(**others, ppg_shift_ms=0.0), seed=3)["ppg"])
+
+
+def test_ppg_shift_moves_a_ppg_impulse_by_the_drawn_amount():
+    n, at = 64, WINDOW // 2
+    ppg = np.zeros((n, WINDOW), np.float32)
+    ppg[:, at] = 1.0
+    ecg = np.zeros((n, N_LEADS, WINDOW), np.float32)
+    ecg[:, II, at] = 1.0
+    ppg_mask = np.ones(n, bool)
+    ppg_mask[0] = False
+    ppg[0] = 0.0
+    batch = {"ppg": ppg, "ppg_mask": ppg_mask, "ecg": ecg, "ecg_mask": np.ones((n, N_LEADS), bool)}
+    config = only(ppg_shift_ms=40.0)  # +-5 samples at 125 Hz
+    shifts = ppg_shifts(config, n, seed=11)
+    assert np.abs(shifts).max() <= round(0.040 * FS) and shifts.min() < 0 < shifts.max()
+    out = augment_batch(batch, config, seed=11)
+    for row in range(1, n):
+        assert int(np.argmax(out["ppg"][row])) == at + shifts[row] and out["ppg"][row].sum() == 1.0
+    assert not out["ppg"][0].any()  # an absent PPG stays zeros
+    np.testing.assert_array_equal(out["ecg"], ecg)  # only the PPG moves
+    np.testing.assert_array_equal(out["ppg"], augment_batch(batch, config, seed=11)["ppg"])  # seeded
+    assert not np.array_equal(shifts, ppg_shifts(config, n, seed=12))
+
+
+def test_shift_edge_padded_repeats_the_edge_rather_than_wrapping():
+    rows = np.tile(np.arange(1.0, 6.0), (3, 1))
+    np.testing.assert_array_equal(shift_edge_padded(rows, np.array([2, -2, 0])),
+                                  [[1, 1, 1, 2, 3], [3, 4, 5, 5, 5], [1, 2, 3, 4, 5]])
+    with pytest.raises(ConfigError, match="ppg_shift_ms"):
+        from_dict(AugmentConfig, {"ppg_shift_ms": -5})
+
+
 @pytest.mark.real_data
 @pytest.mark.skipif(not BIDMC_01.exists(), reason=f"real BIDMC data not found at {BIDMC_01}")
 def test_star_on_a_real_bidmc_window():
@@ -281,3 +326,13 @@ def test_star_on_a_real_bidmc_window():
     assert rr.std() / rr.mean() < 0.1
     out = augment_batch(batch, only(star_p=1.0, star_time_strength=0.2, star_amp_strength=0.2), seed=0)
     _star_invariants(ppg[0], ecg[0], out["ppg"][0], out["ecg"][0], r_peaks)
+
+
+def test_star_warps_the_calibration_template_with_the_ecg_and_ppg():
+    """A template placed by the PPG moves with the PPG: one equal to the ECG stays equal after STAR."""
+    batch = synthetic_batch()
+    batch["template"] = batch["ecg"].copy()
+    out = augment_batch(batch, only(star_p=1), seed=0)
+    assert not np.allclose(out["ecg"][0], batch["ecg"][0])  # STAR did warp this window
+    np.testing.assert_allclose(out["template"], out["ecg"], atol=1e-6)
+    np.testing.assert_array_equal(augment_batch(batch, only(amp_scale_p=1), seed=0)["template"], batch["template"])

@@ -14,7 +14,7 @@ from conftest import REPO_ROOT
 from p2es_dist.config import load_yaml
 from p2es_dist.constants import LABELS, N_LEADS, WINDOW
 from p2es_dist.models import TranslationModel, build_model
-from p2es_dist.models.base import count_parameters
+from p2es_dist.models.base import GenerationOptions, count_parameters
 from p2es_dist.models.common import masked_bce, masked_mse
 from p2es_dist.models.dct import dct_basis
 from p2es_dist.models.li2021 import CorrelationGate, Recursion, group_sparsity
@@ -77,10 +77,10 @@ def test_shapes_loss_and_gradients(config_name, with_condition):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     model.eval()
-    out = model.generate(batch, seed=3)
+    out = model.generate(batch, GenerationOptions(seed=3))
     assert out.shape == (6, N_LEADS, WINDOW) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
-    assert torch.equal(out, model.generate(batch, seed=3))
+    assert torch.equal(out, model.generate(batch, GenerationOptions(seed=3)))
 
 
 @pytest.mark.parametrize("config_name", BASELINES)
@@ -96,8 +96,9 @@ def test_loss_ignores_unrecorded_leads(config_name):
     changed["ecg"][0][unrecorded[0]] = float("nan")
     changed_loss, _ = model.loss(changed)
     assert torch.equal(loss, changed_loss)
-    # ...while changing a recorded lead that the loss counts does change it.
-    changed["ecg"][0, 1] += 0.5
+    # ...while changing a recorded lead that the loss counts (one not given as input) does change it.
+    lead = int((batch["ecg_mask"][0] & ~batch["cond_leads"][0]).nonzero()[0])
+    changed["ecg"][0, lead] += 0.5
     assert not torch.equal(loss, model.loss(changed)[0])
 
 

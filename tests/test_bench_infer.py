@@ -1,4 +1,5 @@
-"""`p2es bench infer` prints one JSON line with the SPEC section 7 keys (no assertion on time)."""
+"""`p2es bench infer` prints one JSON line with the keys `p2es_dist/bench/infer.py` documents
+(no assertion on time)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import torch
 
 from p2es_dist.bench.infer import main
 from p2es_dist.config import load_config
-from p2es_dist.distill.run import save_checkpoint
-from p2es_dist.distill.student import Student, StudentConfig
 from p2es_dist.models import build_model
+from p2es_dist.models.checkpoint import save_checkpoint
+from p2es_dist.models.student import Student, StudentConfig
 
 KEYS = {"bench", "student_ms_per_window", "teacher_ms_per_window", "speedup", "student_bytes", "onnx_max_abs_diff"}
 

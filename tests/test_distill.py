@@ -14,16 +14,15 @@ import torch
 from p2es_dist.config import load_config
 from p2es_dist.constants import N_LEADS, WINDOW
 from p2es_dist.distill.config import DistillSection, parse_distill_config
-from p2es_dist.distill.onnx_io import example_ppg, export_onnx, onnx_max_abs_diff
 from p2es_dist.distill.prune import combine_scores, prune_student, select_channels, significance
-from p2es_dist.distill.quantize import quantize_int8
-from p2es_dist.distill.run import save_checkpoint
-from p2es_dist.distill.student import Student, StudentConfig
 from p2es_dist.distill.teacher_outputs import TEACHER_COLUMN, ensure_teacher_outputs, predict_table
 from p2es_dist.errors import ConfigError
-from p2es_dist.export.loading import load_model
+from p2es_dist.export.onnx_io import example_ppg, export_onnx, onnx_max_abs_diff
+from p2es_dist.export.quantize import quantize_int8
 from p2es_dist.models import build_model
-from p2es_dist.models.base import count_parameters
+from p2es_dist.models.base import GenerationOptions, count_parameters
+from p2es_dist.models.checkpoint import load_model, save_checkpoint
+from p2es_dist.models.student import Student, StudentConfig
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +51,8 @@ def test_default_student_is_small_and_maps_ppg_to_twelve_leads():
     assert isinstance(model, Student) and count_parameters(model) < 40_000
     batch = {**ppg_only(3), "ecg": torch.randn(3, N_LEADS, WINDOW), "ecg_mask": torch.ones(3, N_LEADS, dtype=bool)}
     assert model.generate(batch).shape == (3, N_LEADS, WINDOW)
+    assert not model.stochastic and model.generation_options(GenerationOptions(seed=4, sampler="ddim")) == \
+        GenerationOptions(seed=4)  # a one-pass student has no sampler to record
     assert model.forward_ppg(batch["ppg"]).shape == (3, N_LEADS, WINDOW)
 
 
@@ -190,13 +191,14 @@ def window_table(n: int, *, splits: tuple[str, ...] = ("train", "val"), missing_
 def test_teacher_outputs_skip_windows_without_ppg_and_match_generate():
     teacher = build_model(load_config("smoke")["model"]).eval()
     table = window_table(5, missing_ppg=2)
-    out = predict_table(teacher, table, seed=3, kwargs={"steps": 2, "sampler": "ddim"})
+    options = GenerationOptions(seed=3, steps=2, sampler="ddim")
+    out = predict_table(teacher, table, options=options)
     assert len(out) == 4 and out.column(TEACHER_COLUMN).type == pa.list_(pa.float16(), N_LEADS * WINDOW)
     from p2es_dist.data.batches import table_to_batch
 
     batch = {k: torch.from_numpy(v) for k, v in table_to_batch(out).items()}
     assert batch["teacher_ecg"].shape == (4, N_LEADS, WINDOW)
-    expected = teacher.generate(batch, seed=3, steps=2, sampler="ddim")
+    expected = teacher.generate(batch, options)
     torch.testing.assert_close(batch["teacher_ecg"], expected, atol=2e-3, rtol=2e-3)  # float16 storage
 
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from p2es_dist.config import load_yaml, packaged_config_path
 from p2es_dist.constants import LEAD_INDEX, N_LEADS, WINDOW
 from p2es_dist.errors import ConfigError, UserError
-from p2es_dist.models.base import count_parameters
+from p2es_dist.models import checkpoint
+from p2es_dist.models.base import GenerationOptions, count_parameters
 from p2es_dist.models.encoder import (
     N_CHANNELS,
     PPG_CHANNEL,
@@ -60,9 +59,7 @@ def concat(*batches: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(model: torch.nn.Module, model_section: dict, folder) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / "model.json").write_text(json.dumps(model_section))
+    checkpoint.save_checkpoint(model, model_section, folder)
     return str(folder)
 
 
@@ -260,7 +257,7 @@ def test_p2es_trains_a_step_with_the_foundation_encoder(frozen: bool) -> None:
 
 
 def test_p2es_foundation_loads_pretrained_weights_and_reloads_without_the_uri(tmp_path) -> None:
-    from p2es_dist.export.loading import load_model
+    from p2es_dist.models.checkpoint import load_model
 
     pretrained = encoder(seed=42)
     encoder_dir = save_checkpoint(pretrained, TINY, tmp_path / "encoder")
@@ -276,7 +273,8 @@ def test_p2es_foundation_loads_pretrained_weights_and_reloads_without_the_uri(tm
     for key, value in p2es.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value)
     batch = p2es_batch()
-    assert torch.equal(reloaded.generate(batch, seed=0), p2es.eval().generate(batch, seed=0))
+    options = GenerationOptions(seed=0)
+    assert torch.equal(reloaded.generate(batch, options), p2es.eval().generate(batch, options))
 
 
 def test_p2es_foundation_config_errors(tmp_path) -> None:

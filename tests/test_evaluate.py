@@ -39,15 +39,13 @@ def _write_shard(folder: Path, table: pa.Table) -> Path:
 
 
 def _save_checkpoint(folder: Path, model_section: dict, *, seed: int = 0, prepare=None) -> str:
-    from safetensors.torch import save_file
+    from p2es_dist.models.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
     model = build_model(model_section)
     if prepare is not None:
         prepare(model)
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / "model.json").write_text(json.dumps(model_section))
+    save_checkpoint(model, model_section, folder)
     return str(folder)
 
 
@@ -187,17 +185,17 @@ def test_condition_scores_only_leads_not_given(setup):
 
 def test_stochastic_generation_repeats_per_batch_and_worst_window_is_picked(setup):
     from p2es_dist.evaluate.pipeline import pick_windows
-    from p2es_dist.evaluate.runner import GenerationConfig, ModelRun, generate, generation_settings
-    from p2es_dist.export.loading import load_model
+    from p2es_dist.evaluate.runner import ModelRun, generate, generation_settings
+    from p2es_dist.models.base import GenerationOptions
+    from p2es_dist.models.checkpoint import load_model
 
     model = load_model(setup["p2es"]).model
-    generation = GenerationConfig(seed=5, steps=1)
-    kwargs, settings = generation_settings(model, generation)
-    assert settings["steps"] == 1 and settings["sampler"] == "ddim"  # the model's default sampler, recorded
+    options, settings = generation_settings(model, GenerationOptions(seed=5, steps=1))
+    assert settings == {"stochastic": True, "sampler": "ddim", "steps": 1, "seed": 5, "n_samples": 1}  # default
     _, batch = next(iter_batches(read_eval_windows([setup["shards"]], split="test"), batch_size=2))
-    first = generate(model, batch, first_row=4, generation=generation, kwargs=kwargs)
-    again = generate(model, batch, first_row=4, generation=generation, kwargs=kwargs)
-    other = generate(model, batch, first_row=6, generation=generation, kwargs=kwargs)
+    first = generate(model, batch, first_row=4, options=options)
+    again = generate(model, batch, first_row=4, options=options)
+    other = generate(model, batch, first_row=6, options=options)
     assert np.array_equal(first, again) and not np.allclose(first, other)
 
     mse = np.full((4, 12), np.nan)

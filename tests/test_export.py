@@ -12,7 +12,8 @@ import torch
 from p2es_dist.cli import main as cli_main
 from p2es_dist.errors import UserError
 from p2es_dist.export.bundle import write_bundle
-from p2es_dist.export.loading import load_model, load_pretrained, read_sums, sha256_bytes
+from p2es_dist.models.base import GenerationOptions
+from p2es_dist.models.checkpoint import load_model, load_pretrained, read_sums, sha256_bytes
 from p2es_dist.translate.run import make_batch
 
 TINY_LI2021 = {"name": "li2021", "condition_on_leads": False, "channels": 8, "c1_channels": 4, "diagnosis": False,
@@ -22,8 +23,7 @@ TINY_STUDENT = {"name": "student", "channels": 8, "c1_channels": 4, "attention_h
 
 def save_checkpoint(folder: Path, model_section: dict, *, seed: int = 0) -> Path:
     """A checkpoint as `p2es train` leaves it (model.safetensors + model.json), random non-zero weights."""
-    from safetensors.torch import save_file
-
+    from p2es_dist.models.checkpoint import save_checkpoint as write_checkpoint
     from p2es_dist.models.registry import build_model
 
     torch.manual_seed(seed)
@@ -31,9 +31,7 @@ def save_checkpoint(folder: Path, model_section: dict, *, seed: int = 0) -> Path
     with torch.no_grad():  # output layers start at zero; random weights make every comparison meaningful
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.2)
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / "model.json").write_text(json.dumps(model_section))
+    write_checkpoint(model, model_section, folder)
     return folder
 
 
@@ -44,7 +42,8 @@ def ppg_batch(n: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def metrics_fixture(path: Path) -> Path:
-    """A metrics.json in SPEC section 5's layout with distinctive numbers to find on the card."""
+    """A metrics.json in `p2es_dist/schemas/metrics.schema.json`'s layout, with distinctive numbers to find on
+    the card."""
     row = {"mse": 0.0123, "mae": 0.0456, "rmse": 0.111, "rrmse": 0.789, "pearson": 0.6543, "dtw": 0.0321, "n": 40}
     metrics = {
         "model": {"name": "li2021", "params": 4788, "bytes": 19152},
@@ -212,7 +211,8 @@ def test_teacher_bundle_records_generation_and_reproduces(tmp_path: Path) -> Non
     assert config["generation"] == {"sampler": "ddim", "steps": 4, "seed": 0, "n_samples": 1}  # the evaluation's
     batch = ppg_batch(n=2)
     original, published = load_model(str(checkpoint)).model, load_pretrained(tmp_path / "bundle")
-    assert torch.equal(original.generate(batch, seed=3, steps=2), published.generate(batch, seed=3, steps=2))
+    assert torch.equal(original.generate(batch, GenerationOptions(seed=3, steps=2)),
+                       published.generate(batch, GenerationOptions(seed=3, steps=2)))
 
 
 def test_cli_export_and_errors(tmp_path: Path, li2021_checkpoint: Path, capsys) -> None:

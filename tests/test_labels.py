@@ -1,4 +1,5 @@
-"""The canonical label table (SPEC section 4): one test per source on real codes, plus its invariants."""
+"""The canonical label table (`p2es_dist/data/labels.py`, `constants.LABELS`): one test per source on real codes,
+plus its invariants."""
 
 from __future__ import annotations
 

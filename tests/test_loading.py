@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from p2es_dist.config import load_config
 from p2es_dist.errors import UserError
-from p2es_dist.export.loading import load_model, load_pretrained, sha256_bytes
+from p2es_dist.models.checkpoint import load_model, load_pretrained, sha256_bytes
 from p2es_dist.models.registry import build_model
 
 

@@ -10,7 +10,7 @@ import torch
 from p2es_dist.config import load_yaml, packaged_config_path
 from p2es_dist.constants import LEAD_INDEX, N_LEADS, WINDOW
 from p2es_dist.errors import ConfigError
-from p2es_dist.models.base import count_parameters
+from p2es_dist.models.base import GenerationOptions, count_parameters
 from p2es_dist.models.leads import einthoven_residual
 from p2es_dist.models.p2es import P2Es, P2EsConfig
 from p2es_dist.models.registry import build_model, model_names
@@ -117,7 +117,7 @@ def test_shapes_under_random_lead_masks(overrides: dict, cond_leads: bool) -> No
     loss.backward()
     for name, parameter in model.named_parameters():
         assert parameter.grad is None or torch.isfinite(parameter.grad).all(), name
-    out = model.generate(batch, seed=0, steps=3)
+    out = model.generate(batch, GenerationOptions(seed=0, steps=3))
     assert out.shape == (6, N_LEADS, WINDOW) and torch.isfinite(out).all()
     residual = einthoven_residual(out).abs().max()
     if model.config.lead_physics:
@@ -149,10 +149,12 @@ def test_given_condition_leads_change_the_output() -> None:
     batch = synthetic_batch(cond_leads=True)
     changed = {key: value.clone() for key, value in batch.items()}
     changed["ecg"][:, LEAD_INDEX["II"]] *= -1
-    assert not torch.allclose(model.generate(batch, seed=0), model.generate(changed, seed=0))
+    assert not torch.allclose(model.generate(batch, GenerationOptions(seed=0)),
+                              model.generate(changed, GenerationOptions(seed=0)))
     without = {key: value for key, value in changed.items() if key != "cond_leads"}
     # without `cond_leads` the leads are not read, so their values do not matter
-    assert torch.equal(model.generate(without, seed=0), model.generate({**without, "ecg": batch["ecg"]}, seed=0))
+    assert torch.equal(model.generate(without, GenerationOptions(seed=0)),
+                       model.generate({**without, "ecg": batch["ecg"]}, GenerationOptions(seed=0)))
 
 
 # --- samplers ---------------------------------------------------------------------------------
@@ -160,9 +162,9 @@ def test_given_condition_leads_change_the_output() -> None:
 def test_samplers_are_reproducible_under_a_seed(sampler: str) -> None:
     model = randomise_zero_init(tiny_model())
     batch = synthetic_batch()
-    first = model.generate(batch, seed=11, sampler=sampler)
-    assert torch.equal(first, model.generate(batch, seed=11, sampler=sampler))
-    other = model.generate(batch, seed=12, sampler=sampler)
+    first = model.generate(batch, GenerationOptions(seed=11, sampler=sampler))
+    assert torch.equal(first, model.generate(batch, GenerationOptions(seed=11, sampler=sampler)))
+    other = model.generate(batch, GenerationOptions(seed=12, sampler=sampler))
     assert (first - other).abs().max() > 1e-4
 
 
@@ -170,16 +172,16 @@ def test_sampler_steps_and_means() -> None:
     model = randomise_zero_init(tiny_model())
     batch = synthetic_batch(batch_size=3)
     T = model.config.timesteps
-    full_ancestral = model.generate(batch, sampler="ancestral")  # all T steps by default
+    full_ancestral = model.generate(batch, GenerationOptions(sampler="ancestral"))  # all T steps by default
     assert full_ancestral.shape == (3, N_LEADS, WINDOW)
     for steps in (1, 7, T):
-        assert torch.isfinite(model.generate(batch, steps=steps)).all()
+        assert torch.isfinite(model.generate(batch, GenerationOptions(steps=steps))).all()
     with pytest.raises(ValueError):
-        model.generate(batch, steps=T + 1)
-    samples = model.generate(batch, seed=3, n_samples=4, return_samples=True)
+        model.generate(batch, GenerationOptions(steps=T + 1))
+    samples = model.generate(batch, GenerationOptions(seed=3, n_samples=4), return_samples=True)
     assert samples.shape == (4, 3, N_LEADS, WINDOW)
     assert (samples[0] - samples[1]).abs().max() > 1e-4
-    torch.testing.assert_close(model.generate(batch, seed=3, n_samples=4), samples.mean(dim=0))
+    torch.testing.assert_close(model.generate(batch, GenerationOptions(seed=3, n_samples=4)), samples.mean(dim=0))
 
 
 # --- affinity -------------------------------------------------------------------------------

@@ -105,7 +105,10 @@ def test_real_bidmc_record_windows():
 
     root = require_data("bidmc")
     windows = make_windows(bidmc.read_record(root, "bidmc_csv/bidmc_03"), PreprocessConfig())
-    assert len(windows.start) == (480 * FS - WINDOW) // 512 + 1
+    assert len(windows.start) + len(windows.rejected) == (480 * FS - WINDOW) // 512 + 1
+    assert all("beats disagree" in r["reason"] for r in windows.rejected) and len(windows.rejected) <= 4
     assert windows.ecg_mask[:, LEAD_INDEX["II"]].all()
+    # BIDMC scaled each signal on its own: only lead II is kept, so no lead of other units meets it.
+    assert windows.ecg_mask.sum(axis=1).max() == 1
     assert np.isfinite(windows.ecg).all() and np.isfinite(windows.ppg).all()
     assert np.median(windows.quality) > 0.5

@@ -64,6 +64,19 @@ def smoke_shards(ray_local, tmp_path_factory):
     return output
 
 
+def test_the_checkpoint_with_the_lowest_val_x0_mse_is_selected():
+    from p2es_dist.train.trainer import select_checkpoint
+
+    kept = [("a", {"step": 3, "val_x0_mse": 0.4, "val_loss": 0.1}),
+            ("b", {"step": 6, "val_x0_mse": 0.2, "val_loss": 0.9}),
+            ("c", {"step": 9, "val_x0_mse": float("nan")}),
+            ("d", {"step": 12, "val_x0_mse": 0.2})]
+    assert select_checkpoint(kept, "latest", {"step": 12})[0] == "d"  # a tie goes to the later step
+    assert select_checkpoint(kept[:3], "latest", {"step": 12}) == ("b", kept[1][1])  # not the lowest val_loss
+    assert select_checkpoint([("c", {"step": 9})], "latest", {"step": 9}) == ("latest", {"step": 9})
+    assert select_checkpoint(None, "latest", None) == ("latest", {})
+
+
 @pytest.mark.ray
 def test_killed_worker_resumes_from_its_checkpoint(smoke_shards, tmp_path):
     """One worker, ZeRO-1: the worker kills itself at step 5, Ray Train restarts it from step 3."""
@@ -78,6 +91,10 @@ def test_killed_worker_resumes_from_its_checkpoint(smoke_shards, tmp_path):
     summary = run_training(config, out=str(tmp_path / "out"))
     assert summary["steps"] == 6 and summary["failures"] == 1 and summary["restored_from_step"] == 3
     assert summary["val"]["val_loss"] == summary["val"]["val_loss"]  # a number, not NaN
+    # Checkpoints are ranked by the validation x0 error (P2Es' `x0_mse` part), not the total loss.
+    assert summary["val"]["val_x0_mse"] == summary["val"]["val_x0_mse"]
+    assert summary["selected"]["metric"] == "val_x0_mse" and summary["selected"]["step"] in (3, 6)
+    assert Path(summary["checkpoint"]).name == f"step-{summary['selected']['step']:08d}"
     written = json.loads((tmp_path / "out" / "result.json").read_text())
     assert written["checkpoint"] == summary["checkpoint"] and Path(written["checkpoint"]).is_dir()
     # The consolidated fp32 weights load into a fresh model with every key and no pickle.

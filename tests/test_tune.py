@@ -48,7 +48,7 @@ train.max_steps: 40
 """))
     assert space.settings == TuneSettings(num_samples=3, max_concurrent_trials=1, grace_period=2,
                                           reduction_factor=3, max_t=9)
-    assert space.settings.metric == "val_loss" and space.settings.mode == "min"
+    assert space.settings.metric == "val_x0_mse" and space.settings.mode == "min"  # reconstruction, not total loss
     params = space.param_space()
     assert params["model.noise_schedule"].categories == ["linear", "cosine"]
     assert params["model.cascades"] == {"grid_search": [1, 2, 3]}
@@ -153,7 +153,8 @@ def test_concurrency_leaves_a_cpu_to_the_data_pipeline():
 
 
 def trial(trial_id, lr, losses, checkpoints=(), error=None):
-    reports = [{"val_loss": loss, "step": 10 * (i + 1), "training_iteration": i + 1} for i, loss in enumerate(losses)]
+    reports = [{"val_x0_mse": loss, "val_loss": 1.0 - loss, "step": 10 * (i + 1), "training_iteration": i + 1}
+               for i, loss in enumerate(losses)]
     for index, path in checkpoints:
         reports[index]["checkpoint_path"] = str(path)
     return TrialRecord(trial_id=trial_id, sampled={"train.lr": lr}, reports=reports, error=error)
@@ -172,7 +173,8 @@ def test_summary_picks_the_best_report_and_its_surviving_checkpoint(tmp_path):
     base = {"train": {"lr": 1e-3, "max_steps": 30}, "_source": "smoke.yaml"}
     best = summarise(trials, settings=TuneSettings(), base_config=base, stopped_early={"c"},
                      searched_keys=["train.lr"], storage_root=str(tmp_path), experiment_uri=str(tmp_path / "x"))
-    assert (best["metric"], best["mode"], best["value"], best["step"]) == ("val_loss", "min", 0.2, 20)
+    # The default metric is the reconstruction error, not val_loss (which would pick trial c here).
+    assert (best["metric"], best["mode"], best["value"], best["step"]) == ("val_x0_mse", "min", 0.2, 20)
     assert best["config"] == {"sampled": {"train.lr": 3e-3}, "full": {"train": {"lr": 3e-3, "max_steps": 30}}}
     assert best["checkpoint"] == str(kept) and best["checkpoint_value"] == 0.3
     assert (best["trials"], best["trials_stopped_early"], best["trials_failed"]) == (4, 1, 1)
@@ -186,7 +188,7 @@ def test_summary_in_max_mode_and_without_any_metric():
     best = summarise(trials, settings=settings, base_config={}, stopped_early=set(), searched_keys=["x"],
                      storage_root="/tmp", experiment_uri="/tmp/x")
     assert best["value"] == 0.7 and best["config"]["sampled"] == {"x": 2} and best["checkpoint"] is None
-    with pytest.raises(RuntimeError, match="no trial reported a finite val_loss .*a: ValueError: boom"):
+    with pytest.raises(RuntimeError, match="no trial reported a finite val_x0_mse .*a: ValueError: boom"):
         summarise([trial("a", 1e-3, [float("nan")], error="ValueError: boom")], settings=TuneSettings(),
                   base_config={}, stopped_early=set(), searched_keys=[], storage_root="/tmp", experiment_uri="/x")
 
@@ -261,7 +263,7 @@ def smoke_shards(ray_local, tmp_path_factory):
 @pytest.mark.ray
 def test_smoke_search_end_to_end(smoke_shards, tmp_path, capsys):
     """`p2es tune` on the smoke space: 4 trials one at a time (the smoke space's max_concurrent_trials: 1,
-    each trial's worker holding half of ray_local's 2 CPUs, so Ray Data keeps the other), ASHA on val_loss."""
+    each trial's worker holding half of ray_local's 2 CPUs, so Ray Data keeps the other), ASHA on val_x0_mse."""
     from ray.util.placement_group import placement_group_table
 
     from p2es_dist.jobs.tune import main
@@ -277,7 +279,7 @@ def test_smoke_search_end_to_end(smoke_shards, tmp_path, capsys):
     assert printed["value"] == best["value"] and printed["trials"] == best["trials"]
     space = load_space(SPACES / "smoke.yaml")
     settings = space.settings
-    assert best["metric"] == "val_loss" and best["mode"] == "min" and best["trials"] == 4
+    assert best["metric"] == "val_x0_mse" and best["mode"] == "min" and best["trials"] == 4
     assert best["trials_failed"] == 0 and best["scheduler"]["name"] == "asha"
 
     # Tune's own record of the experiment, read back from storage: one result.json per trial folder.
@@ -287,12 +289,12 @@ def test_smoke_search_end_to_end(smoke_shards, tmp_path, capsys):
         rows[reports[0]["trial_id"]] = reports
     assert len(rows) == 4
     order = sorted(rows)  # trial ids count up in the order the trials ran (one at a time)
-    values = {tid: [r["val_loss"] for r in reports] for tid, reports in rows.items()}
+    values = {tid: [r["val_x0_mse"] for r in reports] for tid, reports in rows.items()}
     sampled = {tid: {k: reports[0]["config"][k] for k in space.searched_keys} for tid, reports in rows.items()}
     assert all(c["model.dilation_depth"] in (2, 3) and c["train.lr"] in (1e-3, 3e-3) for c in sampled.values())
     assert sorted(c["train.lr"] for c in sampled.values()) == [1e-3, 1e-3, 3e-3, 3e-3]  # the grid, twice
 
-    # Best: the lowest val_loss any trial reported, with that trial's sampled values.
+    # Best: the lowest val_x0_mse any trial reported, with that trial's sampled values.
     lowest = min((v, tid) for tid, vs in values.items() for v in vs)
     assert best["value"] == pytest.approx(lowest[0]) and best["trial_id"] == lowest[1]
     assert best["config"]["sampled"] == sampled[lowest[1]]
@@ -301,7 +303,7 @@ def test_smoke_search_end_to_end(smoke_shards, tmp_path, capsys):
     assert merged["data"]["uris"] == [smoke_shards]
 
     # ASHA: the trials it stopped are exactly those successive halving stops on these values (the smoke
-    # val_loss barely moves in 20 steps, so which ones, and how many, varies from run to run), and stopped
+    # val_x0_mse barely moves in 20 steps, so which ones, and how many, varies from run to run), and stopped
     # ones reported less than the finished ones.
     full = len(values[order[0]])  # the first trial always runs to the end
     assert full == 2  # smoke.yaml: max_steps 20, eval_every 10

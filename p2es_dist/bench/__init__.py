@@ -1,1 +1,2 @@
-"""Benchmarks behind `p2es bench <name>`: each measures in one process and prints one JSON line (SPEC section 7)."""
+"""Benchmarks behind `p2es bench <name>`: each measures in one process and prints one JSON line
+(README "Benchmarks")."""

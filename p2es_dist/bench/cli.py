@@ -1,4 +1,4 @@
-"""`p2es bench <name> ...`: each benchmark prints exactly one JSON line on stdout (SPEC section 7)."""
+"""`p2es bench <name> ...`: each benchmark prints exactly one JSON line on stdout (README "Benchmarks")."""
 
 from __future__ import annotations
 

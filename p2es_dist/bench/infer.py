@@ -5,7 +5,8 @@
 `--model` is a bundle with `model.onnx` (as `p2es export` writes) or a student checkpoint, which is
 exported to ONNX in a temporary folder first. Both sides run on the same synthetic PPG windows in this
 process with `torch.set_num_threads(1)` and ONNX Runtime `intra_op_num_threads=1`; each side's
-figure is the best of `--repeats` timed passes after a warm-up. Prints one JSON line (SPEC section 7).
+figure is the best of `--repeats` timed passes after a warm-up. Prints one JSON line (README "Benchmarks";
+its keys are those `main` writes).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def best_seconds(run: Callable[[], object], *, repeats: int) -> float:
 
 def student_onnx(model_uri: str, model: torch.nn.Module, scratch: Path) -> Path:
     """The bundle's model.onnx (copied locally), or a fresh export of the checkpoint."""
-    from p2es_dist.distill.onnx_io import export_onnx
+    from p2es_dist.export.onnx_io import export_onnx
     from p2es_dist.storage import uri as uri_lib
 
     bundled = uri_lib.join(model_uri, "model.onnx")
@@ -71,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     apply_common(args)
 
-    from p2es_dist.distill.onnx_io import example_ppg, onnx_max_abs_diff, onnx_session, run_onnx
-    from p2es_dist.distill.quantize import quantize_int8
-    from p2es_dist.distill.teacher_outputs import generate_kwargs
-    from p2es_dist.export.loading import WEIGHTS, load_model
+    from p2es_dist.export.onnx_io import example_ppg, onnx_max_abs_diff, onnx_session, run_onnx
+    from p2es_dist.export.quantize import quantize_int8
+    from p2es_dist.models.base import GenerationOptions
+    from p2es_dist.models.checkpoint import WEIGHTS, load_model
     from p2es_dist.storage import uri as uri_lib
 
     torch.set_num_threads(1)
@@ -99,12 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         torch_seconds = best_seconds(lambda: student.model.forward_ppg(ppg[: args.batch_size]), repeats=args.repeats)
 
     generation = dict(teacher.metadata.get("generation") or {})
-    sampler = args.sampler or generation.get("sampler") or "ddim"
-    steps = args.steps or generation.get("steps") or getattr(getattr(teacher.model, "config", None), "sample_steps", 10)
-    kwargs = generate_kwargs(teacher.model, sampler=sampler, steps=int(steps), n_samples=1)
+    default_steps = getattr(getattr(teacher.model, "config", None), "sample_steps", None)
+    steps = args.steps or generation.get("steps") or default_steps
+    # Resolved by the model: a deterministic teacher (a regressor) has no sampler, and records None for both.
+    options = teacher.model.generation_options(
+        GenerationOptions(seed=0, sampler=args.sampler or generation.get("sampler") or "ddim", steps=steps))
     teacher_batch = ppg_batch(ppg[: args.teacher_windows])
     with torch.no_grad():
-        teacher_seconds = best_seconds(lambda: teacher.model.generate(teacher_batch, seed=0, **kwargs),
+        teacher_seconds = best_seconds(lambda: teacher.model.generate(teacher_batch, options),
                                        repeats=max(1, min(args.repeats, 2)))
     teacher_ms = 1000 * teacher_seconds / args.teacher_windows
 
@@ -117,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         "onnx_max_abs_diff": report.pop("student_diff"),
         "student_params": sum(p.numel() for p in student.model.parameters()),
         "student_torch_ms_per_window": round(1000 * torch_seconds / min(args.batch_size, len(ppg)), 4),
-        "teacher_sampler": sampler if "sampler" in kwargs else None,
-        "teacher_steps": int(steps) if "steps" in kwargs else None,
+        "teacher_sampler": options.sampler,
+        "teacher_steps": options.steps,
         "teacher_name": teacher.name,
     })
     if "int8" in timings:

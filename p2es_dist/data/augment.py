@@ -16,6 +16,13 @@ other keys, which pass through untouched. Each augmentation fires per window wit
 3. Baseline wander: respiration-like sinusoids (0.1-0.5 Hz), same phase on every recorded lead with a
    lead-specific amplitude, as electrode impedance changes with breathing.
 4. PPG motion artifacts: in one or two short segments, a low-frequency high-amplitude burst plus spikes.
+5. PPG timing shift (`ppg_shift_ms`, off by default): every window's PPG moves against its ECG by a
+   whole number of samples drawn uniformly from +-`ppg_shift_ms` (positive: the pulse arrives later),
+   the vacated end repeating the edge sample (no wrap-around). Pulse arrival time differs by ~50 ms
+   between patients (issue 13), so a model that must not lean on one exact delay can be taught to hedge.
+   Only the PPG moves: the ECG and a calibration `template` (placed with the patient's own PAT, so
+   aligned with the ECG) stay. Its draws come from their own stream of the same seed (`ppg_shifts`), so
+   switching it on changes no other augmentation's draws.
 
 Absent leads and absent PPG stay exactly zero. Deterministic under `seed` (the caller derives one seed
 per batch, e.g. from the epoch and batch index); the input batch is never mutated.
@@ -29,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.signal import butter, find_peaks, sosfiltfilt
 
-from p2es_dist.constants import FS, LEAD_INDEX
+from p2es_dist.constants import FS, LEAD_INDEX, N_LEADS
 
 # A half-sine displacement a*D*sin(pi*u) over an R-R interval of D samples has slope a*pi*cos(pi*u),
 # so the warp t -> t + displacement is monotone only while |a| < 1/pi.
@@ -46,6 +53,7 @@ MIN_R_PEAKS = 3  # fewer peaks than this give too few beats to warp; the window 
 MOTION_BURST_HZ = (0.5, 3.0)  # wrist or finger movement, in the band of the pulse itself
 MOTION_SEGMENT_S = (0.5, 2.0)  # duration of one motion segment
 MOTION_SPIKES_PER_SEGMENT = 3
+PPG_SHIFT_STREAM = 0x5A1F7  # spawns the PPG shift's own generator from a batch's seed
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class AugmentConfig:
     baseline_wander_hz: tuple[float, float] = (0.1, 0.5)
     ppg_motion_p: float = 0.2
     ppg_motion_amp: float = 0.5  # max amplitude of the burst and of each spike
+    ppg_shift_ms: float = 0.0  # PPG moved against the ECG by U[-this, +this] ms per window; 0: off
 
     def __post_init__(self) -> None:
         for name in ("star_p", "amp_scale_p", "baseline_wander_p", "ppg_motion_p"):
@@ -79,7 +88,7 @@ class AugmentConfig:
             low, high = getattr(self, name)
             if not 0.0 < low <= high:
                 raise ValueError(f"{name}: expected 0 < low <= high, got {getattr(self, name)}")
-        for name in ("baseline_wander_amp", "ppg_motion_amp"):
+        for name in ("baseline_wander_amp", "ppg_motion_amp", "ppg_shift_ms"):
             if getattr(self, name) < 0.0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
 
@@ -160,8 +169,10 @@ def star_warp(
 
 
 def _star(ppg: np.ndarray, ecg: np.ndarray, ecg_mask: np.ndarray, config: AugmentConfig,
-          rng: np.random.Generator) -> None:
-    """STAR in place on the working copies; the warp itself is per window, as its beats are."""
+          rng: np.random.Generator, template: np.ndarray | None = None) -> None:
+    """STAR in place on the working copies; the warp itself is per window, as its beats are.
+
+    A calibration template (placed by the PPG's upstrokes) is warped with the PPG it was placed by."""
     chosen = rng.random(ecg.shape[0]) < config.star_p
     rows = [row for row in np.flatnonzero(chosen) if reference_lead(ecg_mask[row]) is not None]
     if not rows:
@@ -173,9 +184,11 @@ def _star(ppg: np.ndarray, ecg: np.ndarray, ecg_mask: np.ndarray, config: Augmen
         n_beats = r_peaks.size - 1
         time_shift = rng.uniform(-config.star_time_strength, config.star_time_strength, n_beats)
         amp_shift = rng.uniform(-config.star_amp_strength, config.star_amp_strength, n_beats)
-        channels = np.concatenate([ecg[row], ppg[row][None, :]], axis=0)
-        warped = star_warp(channels, r_peaks, time_shift, amp_shift)
-        ecg[row], ppg[row] = warped[:-1], warped[-1]
+        parts = [ecg[row], ppg[row][None, :]] + ([template[row]] if template is not None else [])
+        warped = star_warp(np.concatenate(parts, axis=0), r_peaks, time_shift, amp_shift)
+        ecg[row], ppg[row] = warped[:N_LEADS], warped[N_LEADS]
+        if template is not None:
+            template[row] = warped[N_LEADS + 1:]
 
 
 def _amplitude_scale(ppg: np.ndarray, ecg: np.ndarray, config: AugmentConfig,
@@ -232,6 +245,30 @@ def _ppg_motion(ppg: np.ndarray, ppg_mask: np.ndarray, config: AugmentConfig,
     np.add.at(ppg, (spike_rows.ravel(), spike_at.ravel()), spike_amp.ravel().astype(ppg.dtype))
 
 
+def ppg_shifts(config: AugmentConfig, n_windows: int, *, seed: int) -> np.ndarray:
+    """(n_windows,) int: samples each window's PPG moves by (positive: later), U[-ppg_shift_ms, +ppg_shift_ms]
+    rounded to whole samples; all zero when the shift is off. What `augment_batch` applies under `seed`."""
+    if config.ppg_shift_ms <= 0.0:
+        return np.zeros(n_windows, dtype=np.int64)
+    rng = np.random.default_rng([seed, PPG_SHIFT_STREAM])
+    milliseconds = rng.uniform(-config.ppg_shift_ms, config.ppg_shift_ms, n_windows)
+    return np.rint(milliseconds * FS / 1000.0).astype(np.int64)
+
+
+def shift_edge_padded(signals: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """Rows of `signals` (N, L) delayed by `shifts` (N,) samples (negative: advanced); the samples
+    shifted in repeat the row's first (or last) sample rather than wrapping around."""
+    length = signals.shape[-1]
+    source = np.clip(np.arange(length)[None, :] - np.asarray(shifts)[:, None], 0, length - 1)
+    return np.take_along_axis(signals, source, axis=-1)
+
+
+def _ppg_shift(ppg: np.ndarray, ppg_mask: np.ndarray, config: AugmentConfig, seed: int) -> None:
+    shifts = ppg_shifts(config, ppg.shape[0], seed=seed) * ppg_mask
+    if shifts.any():
+        ppg[:] = shift_edge_padded(ppg, shifts)
+
+
 def augment_batch(batch: dict[str, np.ndarray], config: AugmentConfig, *, seed: int) -> dict[str, np.ndarray]:
     """Augmented copy of a model-space batch; same seed and input give the same output.
 
@@ -246,10 +283,14 @@ def augment_batch(batch: dict[str, np.ndarray], config: AugmentConfig, *, seed: 
     ppg = np.array(batch["ppg"], dtype=np.float32, copy=True)
     ecg = np.array(batch["ecg"], dtype=np.float32, copy=True)
     rng = np.random.default_rng(seed)
-    _star(ppg, ecg, ecg_mask, config, rng)
+    template = np.array(batch["template"], dtype=np.float32, copy=True) if "template" in batch else None
+    _star(ppg, ecg, ecg_mask, config, rng, template)
+    if template is not None:
+        out["template"] = template.astype(batch["template"].dtype, copy=False)
     _amplitude_scale(ppg, ecg, config, rng)
     _baseline_wander(ecg, ecg_mask, config, rng)
     _ppg_motion(ppg, ppg_mask, config, rng)
+    _ppg_shift(ppg, ppg_mask, config, seed)
     # The contract is that absent signals are zeros; enforce it so that no augmentation can leak into them.
     out["ppg"] = np.where(ppg_mask[:, None], ppg, np.float32(0.0)).astype(batch["ppg"].dtype, copy=False)
     out["ecg"] = np.where(ecg_mask[:, :, None], ecg, np.float32(0.0)).astype(batch["ecg"].dtype, copy=False)

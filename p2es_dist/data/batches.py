@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from p2es_dist.constants import LABEL_INDEX, LABELS, N_LEADS, WINDOW
+from p2es_dist.data import timing
 from p2es_dist.data.normalize import ecg_to_model_space, ppg_to_model_space
 from p2es_dist.data.splits import subject_hash
 
@@ -47,7 +48,7 @@ def labels_multi_hot(labels: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
     """Shard rows -> model-space batch (ppg, ppg_mask, ecg, ecg_mask, age, sex, labels, subject, scale;
-    teacher_ecg when the shards carry it)."""
+    teacher_ecg when the shards carry it; template and template_mask when they carry calibration columns)."""
     ecg = _fixed_list_to_numpy(table.column("ecg"), N_LEADS * WINDOW).reshape(-1, N_LEADS, WINDOW)
     ecg_mask = _fixed_list_to_numpy(table.column("ecg_mask"), N_LEADS, dtype=bool)
     ppg_column = table.column("ppg")
@@ -67,7 +68,34 @@ def table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
         "subject": np.array([subject_hash(s) for s in subjects], dtype=np.int64),
         "scale": scale,
     }
+    if "calib_beat" in table.column_names:
+        batch["template"], batch["template_mask"] = calibration_templates(table)
     if "teacher_ecg" in table.column_names:  # distillation shards: the teacher's output, already in model space
         teacher = _fixed_list_to_numpy(table.column("teacher_ecg"), N_LEADS * WINDOW)
         batch["teacher_ecg"] = teacher.reshape(-1, N_LEADS, WINDOW)
     return batch
+
+
+def calibration_templates(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 12, L) float32 calibrated templates in model space and their (n, 12) bool masks.
+
+    Each window's template is its record's calibration beat placed at the window's PPG upstrokes minus
+    the record's PAT (`timing.template_from_upstrokes`), scaled to unit peak over its leads. Windows that
+    start inside the calibration segment (`start < calib_end`) get none: a template made from a
+    window's own ECG would tell the model the answer.
+    """
+    n = len(table)
+    beats = _fixed_list_to_numpy(table.column("calib_beat"), N_LEADS * timing.BEAT_SAMPLES)
+    beats = beats.reshape(n, N_LEADS, timing.BEAT_SAMPLES)
+    beat_mask = _fixed_list_to_numpy(table.column("calib_beat_mask"), N_LEADS, dtype=bool)
+    pat = table.column("calib_pat_s").to_numpy(zero_copy_only=False).astype(np.float64)
+    end = table.column("calib_end").to_numpy(zero_copy_only=False).astype(np.float64)
+    start = table.column("start").to_numpy().astype(np.float64) if "start" in table.column_names else end * 0
+    upstrokes = table.column("ppg_upstrokes").to_pylist()
+    usable = np.isfinite(pat) & np.isfinite(end) & (start >= np.nan_to_num(end, nan=np.inf))
+    usable &= np.array([u is not None and len(u) > 0 for u in upstrokes], dtype=bool)
+    templates = np.zeros((n, N_LEADS, WINDOW), dtype=np.float32)
+    mask = beat_mask & usable[:, None]
+    for i in np.flatnonzero(mask.any(axis=1)):
+        templates[i] = timing.template_from_upstrokes(beats[i], np.asarray(upstrokes[i]), pat[i], WINDOW)
+    return timing.normalise_template(templates, mask) * mask[:, :, None], mask

@@ -31,10 +31,10 @@ import pyarrow.parquet as pq
 
 from p2es_dist import __version__
 from p2es_dist.config import from_dict, section, to_dict
-from p2es_dist.constants import FS, SCHEMA_VERSION, SPLITS, WINDOW
+from p2es_dist.constants import FS, SHARD_SCHEMA_VERSION, SPLITS, WINDOW
 from p2es_dist.data.ingest_core import ingest_record
 from p2es_dist.data.preprocess import PreprocessConfig
-from p2es_dist.data.sources import RECORDS_PER_TASK, SOURCES, reader
+from p2es_dist.data.sources import READERS, RECORDS_PER_TASK, SOURCES, reader
 from p2es_dist.errors import UserError
 from p2es_dist.storage import uri as uri_lib
 
@@ -95,7 +95,7 @@ def plan_ingest(source: str, input_uri: str | None, output_uri: str, config: dic
         tasks = [keys[i : i + per_task] for i in range(0, len(keys), per_task)]
     identity = {"source": source, "input": input_uri, "preprocess": to_dict(preprocess),
                 "shard_rows": ingest.shard_rows, "reader": reader_options,
-                "synthetic": to_dict(synthetic) if synthetic else None, "schema_version": SCHEMA_VERSION}
+                "synthetic": to_dict(synthetic) if synthetic else None, "schema_version": SHARD_SCHEMA_VERSION}
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     return IngestPlan(source, input_uri, output_uri, preprocess, ingest, synthetic, fingerprint, tasks,
                       reader_options)
@@ -184,6 +184,11 @@ def check_output(plan: IngestPlan) -> dict | None:
     return manifest
 
 
+def _subject_note(source: str) -> str | None:
+    """What a reader says about its subjects (`SUBJECT_NOTE`), for the manifest; None when it says nothing."""
+    return getattr(reader(source), "SUBJECT_NOTE", None) if source in READERS else None
+
+
 def write_manifest(plan: IngestPlan, config: dict[str, Any]) -> dict:
     markers = [json.loads(uri_lib.read_text(_marker_uri(plan, i))) for i in range(len(plan.tasks))]
     subjects = {split: set() for split in SPLITS}
@@ -200,7 +205,7 @@ def write_manifest(plan: IngestPlan, config: dict[str, Any]) -> dict:
     units = next((m["units"] for m in markers if m["units"]), {})
     public_config = {k: v for k, v in config.items() if not k.startswith("_")}
     manifest = {
-        "schema_version": SCHEMA_VERSION, "source": plan.source, "fs": FS, "window": WINDOW,
+        "schema_version": SHARD_SCHEMA_VERSION, "source": plan.source, "fs": FS, "window": WINDOW,
         "hop": plan.preprocess.hop, "units": units, "fingerprint": plan.fingerprint,
         "n_windows": n_windows, "n_subjects": {s: len(subjects[s]) for s in SPLITS},
         "n_records_ok": sum(m["n_records_ok"] for m in markers),
@@ -211,6 +216,9 @@ def write_manifest(plan: IngestPlan, config: dict[str, Any]) -> dict:
                    **({"synthetic": to_dict(plan.synthetic)} if plan.synthetic else {}), "input": public_config},
         "version": __version__,
     }
+    note = _subject_note(plan.source)  # e.g. "one record = one subject" where a dataset has no patient ids
+    if note:
+        manifest["subjects_note"] = note
     lines = "".join(json.dumps(line) + "\n" for line in quarantine)
     uri_lib.write_text_atomic(uri_lib.join(plan.output_uri, "quarantine.jsonl"), lines)
     uri_lib.write_text_atomic(uri_lib.join(plan.output_uri, "manifest.json"), json.dumps(manifest, indent=2))

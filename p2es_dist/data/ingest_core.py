@@ -42,8 +42,17 @@ def record_to_table(record: Record, config: PreprocessConfig) -> tuple[pa.Table,
         labels=[record.labels] * n,
         quality=windows.quality,
         fs=FS,
+        upstrokes=windows.upstrokes,
+        calibration=_calibration(windows),
     )
     return table, quarantine
+
+
+def _calibration(windows) -> tuple[float, np.ndarray, np.ndarray, int] | None:
+    if windows.calibration is None:
+        return None
+    beat, mask = windows.calibration.beat_array()
+    return windows.calibration.pat_s, beat, mask, windows.calibration_end
 
 
 def ingest_record(source: str, root: str | Path, key: str, config: PreprocessConfig,

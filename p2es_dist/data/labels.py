@@ -1,4 +1,4 @@
-"""The one table that maps every source's diagnosis codes to the canonical vocabulary (SPEC section 4).
+"""The one table that maps every source's diagnosis codes to the canonical vocabulary (`constants.LABELS`).
 
 Sources and their codes:
 - `scp`: PTB-XL SCP-ECG statements. Diagnostic statements map to their `diagnostic_class` in

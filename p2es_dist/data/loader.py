@@ -25,13 +25,16 @@ import pyarrow as pa
 from p2es_dist.constants import LEADS
 from p2es_dist.data.augment import AugmentConfig, augment_batch
 from p2es_dist.data.batches import table_to_batch
+from p2es_dist.data.schema import CALIBRATION_COLUMNS
 from p2es_dist.errors import UserError
 from p2es_dist.storage import uri as uri_lib
 
-TRANSPORT_FLOAT16 = ("ecg", "ppg")
+TRANSPORT_FLOAT16 = ("ecg", "ppg", "template")
 
 # Columns a model batch needs; `window_id` only seeds augmentation and is dropped after conversion.
 READ_COLUMNS = ["window_id", "split", "subject_id", "ppg", "ecg", "ecg_mask", "age", "sex", "labels", "quality"]
+# Read besides when every manifest is of shard schema 2 or later; batches then carry `template(_mask)`.
+CALIBRATION_READ_COLUMNS = ["start", *CALIBRATION_COLUMNS]
 
 
 @dataclass
@@ -67,6 +70,13 @@ def shard_paths(uris: list[str]) -> tuple[pa.fs.FileSystem, list[str]]:
     if not paths:
         raise UserError(f"data.uris: the manifests under {uris} list no shards")
     return filesystem, paths
+
+
+def calibration_available(uris: list[str]) -> bool:
+    """Whether every shard folder under `uris` carries beat timing and calibration (shard schema >= 2)."""
+    versions = [json.loads(uri_lib.read_text(uri_lib.join(u, "manifest.json"))).get("schema_version", 1)
+                for u in uris]
+    return bool(versions) and min(versions) >= 2
 
 
 def read_windows(uris: list[str], *, split: str | None = None, min_quality: float = 0.0,
@@ -118,7 +128,8 @@ def model_space_dataset(config: LoaderConfig, *, split: str, training: bool):
     unknown = sorted(set(config.condition_leads) - set(LEADS))
     if unknown:
         raise UserError(f"data.condition_leads: unknown lead {unknown[0]!r} (expected some of {', '.join(LEADS)})")
-    columns = READ_COLUMNS + (["teacher_ecg"] if config.teacher_ecg else [])
+    columns = READ_COLUMNS + (CALIBRATION_READ_COLUMNS if calibration_available(config.uris) else [])
+    columns += ["teacher_ecg"] if config.teacher_ecg else []
     dataset = read_windows(config.uris, split=split, min_quality=config.min_quality, columns=columns)
     return dataset.map_batches(
         convert_block,
@@ -145,7 +156,8 @@ def torch_batches(shard, config: LoaderConfig, *, training: bool, epoch: int = 0
         batch_size=config.batch_size,
         dtypes={"ppg": torch.float32, "ecg": torch.float32, "ppg_mask": torch.bool, "ecg_mask": torch.bool,
                 "age": torch.float32, "sex": torch.int64, "labels": torch.float32, "subject": torch.int64,
-                "scale": torch.float32, **({"cond_leads": torch.bool} if config.condition_leads else {}),
+                "scale": torch.float32, "template": torch.float32, "template_mask": torch.bool,
+                **({"cond_leads": torch.bool} if config.condition_leads else {}),
                 **({"teacher_ecg": torch.float32} if config.teacher_ecg else {})},
         prefetch_batches=config.prefetch_batches,
         local_shuffle_buffer_size=shuffle,

@@ -1,4 +1,5 @@
-"""Model space (SPEC section 5) and the per-lead min-max space used to compare with published numbers.
+"""Model space (what every model reads and writes, `models/base.py`) and the per-lead min-max space used to
+compare with published numbers.
 
 Model space: PPG min-max scaled to [-1, 1] per window; the 12 ECG leads divided together by one factor
 per window (max |x| over recorded leads), so that the relations between leads (III = II - I, ...) survive.

@@ -16,6 +16,8 @@ import numpy as np
 from scipy import signal as sps
 
 from p2es_dist.constants import FS, LEAD_INDEX, LEADS, N_LEADS, WINDOW
+from p2es_dist.data import timing
+from p2es_dist.data.calibration import CalibrationProfile, estimate_profile
 from p2es_dist.data.quality import quality_index
 from p2es_dist.data.record import Record, RecordError
 
@@ -30,6 +32,10 @@ class PreprocessConfig:
     flat_s: float = 1.0  # a constant run this long is a flat line (lead off, sensor detached)
     clip_s: float = 0.08  # a constant run this long at the signal's extreme value is saturation
     min_quality: float = 0.0  # windows below this quality index are rejected
+    # Paired records: windows where fewer than this share of R-peaks have their PPG pulse at the record's
+    # PAT (+-0.1 s) are rejected: ECG and PPG that disagree on beats teach a translator noise.
+    min_beat_agreement: float = 0.6
+    calibration_s: float = 60.0  # paired records: the first seconds that give the stored calibration profile
 
 
 @dataclass
@@ -42,6 +48,9 @@ class Windows:
     ppg: np.ndarray | None  # (n, L) float32, or None when the record has no PPG
     quality: np.ndarray  # (n,) float32
     rejected: list[dict]  # {"start", "reason"} for each dropped window
+    upstrokes: list[np.ndarray] | None = None  # per window, PPG upstrokes relative to its start
+    calibration: CalibrationProfile | None = None  # from the record's first `calibration_s` seconds
+    calibration_end: int = 0  # sample where that segment ends
 
 
 def _constant_runs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -126,6 +135,13 @@ def _condition(x: np.ndarray, fs: float, band_hz: tuple[float, float], config: P
     return clean.astype(np.float32), _reason_at_rate(reason, fs, len(clean))
 
 
+def condition_signal(x: np.ndarray, fs: float, band_hz: tuple[float, float],
+                     config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """One raw signal -> (125 Hz filtered float32 signal, per-sample validity), exactly as ingest does it."""
+    clean, reason = _condition(x, fs, band_hz, config)
+    return clean, reason == 0
+
+
 def window_starts(n_samples: int, hop: int, window: int = WINDOW) -> np.ndarray:
     if n_samples < window:
         return np.zeros(0, dtype=np.int64)
@@ -139,7 +155,12 @@ def make_windows(record: Record, config: PreprocessConfig) -> Windows:
     if record.fs <= 0:
         raise RecordError(f"invalid sampling rate {record.fs}")
     leads: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for name, samples in record.ecg.items():
+    ecg_signals = record.ecg
+    if record.leads_scaled_separately and len(ecg_signals) > 1:
+        # Leads in unrelated units must not meet (see Record): keep the one PPG translation is judged on.
+        keep = "II" if "II" in ecg_signals else next(iter(ecg_signals))
+        ecg_signals = {keep: ecg_signals[keep]}
+    for name, samples in ecg_signals.items():
         if name not in LEAD_INDEX:
             raise RecordError(f"unknown lead name {name!r}")
         leads[LEAD_INDEX[name]] = _condition(samples, record.fs, config.ecg_band_hz, config)
@@ -176,14 +197,19 @@ def make_windows(record: Record, config: PreprocessConfig) -> Windows:
         keep &= bad == 0
     quality = quality_index(ecg, ecg_mask, ppg_windows)
     low_quality = quality < config.min_quality
+    beats = _beat_timing(record, leads, ppg, starts, config)
+    disagree = beats.agreement < config.min_beat_agreement  # NaN (not measurable) never rejects
     rejected = []
-    for i in np.flatnonzero(~keep | low_quality):
+    for i in np.flatnonzero(~keep | low_quality | disagree):
         if not keep[i]:
             detail = "; ".join(f"{kind} in {', '.join(names)}" for kind, names in reasons[i].items())
-        else:
+        elif low_quality[i]:
             detail = f"quality {quality[i]:.2f} below {config.min_quality:.2f}"
+        else:
+            detail = (f"beats disagree: {beats.agreement[i]:.2f} of R-peaks have their PPG pulse at the record's "
+                      f"PAT, below min_beat_agreement {config.min_beat_agreement:.2f}")
         rejected.append({"start": int(starts[i]), "reason": detail})
-    keep &= ~low_quality
+    keep &= ~low_quality & ~disagree
     return Windows(
         start=starts[keep],
         ecg=ecg[keep],
@@ -191,5 +217,57 @@ def make_windows(record: Record, config: PreprocessConfig) -> Windows:
         ppg=None if ppg_windows is None else ppg_windows[keep],
         quality=quality[keep],
         rejected=rejected,
+        upstrokes=None if beats.upstrokes is None else [beats.upstrokes[i] for i in np.flatnonzero(keep)],
+        calibration=beats.calibration,
+        calibration_end=beats.calibration_end,
     )
+
+
+@dataclass
+class _BeatTiming:
+    agreement: np.ndarray  # (n,) share of R-peaks with their pulse; NaN where not measurable
+    upstrokes: list[np.ndarray] | None
+    calibration: CalibrationProfile | None
+    calibration_end: int
+
+
+def _beat_timing(record: Record, leads: dict[int, tuple[np.ndarray, np.ndarray]],
+                 ppg: tuple[np.ndarray, np.ndarray] | None, starts: np.ndarray,
+                 config: PreprocessConfig) -> _BeatTiming:
+    """Upstrokes per window, beat agreement per window and the calibration profile of a paired record.
+
+    Peaks are found once on the whole record, not per window, so a window's edge beats are found too.
+    """
+    n = len(starts)
+    nothing = _BeatTiming(np.full(n, np.nan), None, None, 0)
+    if ppg is None:
+        return nothing
+    ppg_signal, ppg_reason = ppg
+    ppg_valid = ppg_reason == 0
+    upstrokes = timing.ppg_upstrokes(np.where(ppg_valid, ppg_signal, 0.0))
+    upstrokes = upstrokes[ppg_valid[upstrokes]]
+    before, after = timing.upstroke_margin()
+    per_window = []
+    for start in starts:
+        lo, hi = np.searchsorted(upstrokes, [start - before, start + WINDOW + after])
+        per_window.append((upstrokes[lo:hi] - start).astype(np.int32))
+    if not leads:
+        return _BeatTiming(np.full(n, np.nan), per_window, None, 0)
+    named = {LEADS[i]: signal for i, (signal, _) in leads.items()}
+    valid = {LEADS[i]: reason == 0 for i, (_, reason) in leads.items()}
+    end = int(round(config.calibration_s * FS))
+    calibration = estimate_profile(named, ppg_signal, valid=valid, ppg_valid=ppg_valid,
+                                   seconds=config.calibration_s, units=record.ecg_units, source=record.record)
+    agreement = np.full(n, np.nan)
+    peak_lead = next((name for name in ("II", "I", "V5") if name in named), next(iter(named)))
+    peaks = timing.r_peaks(np.where(valid[peak_lead], named[peak_lead], 0.0))
+    peaks = peaks[valid[peak_lead][peaks]]
+    arrival = timing.pulse_arrival(peaks, upstrokes)
+    if arrival is not None:
+        for i, start in enumerate(starts):
+            window_valid = valid[peak_lead][start:start + WINDOW].all() and ppg_valid[start:start + WINDOW].all()
+            in_window = peaks[(peaks >= start) & (peaks < start + WINDOW - arrival.pat_s * FS)]
+            if window_valid and len(in_window):
+                agreement[i] = timing.beat_agreement(in_window, upstrokes, arrival.pat_s)
+    return _BeatTiming(agreement, per_window, calibration, end if calibration is not None else 0)
 

@@ -35,6 +35,10 @@ class Record:
     split: str | None = None
     ecg_units: str = "mV"
     ppg_units: str = "au"
+    # True when the source rescaled each ECG signal on its own (BIDMC): amplitudes of different leads are
+    # then not comparable, lead physics (III = II - I, ...) would mix units, and one window scale over all
+    # leads would weigh them arbitrarily. Preprocessing keeps one lead (II when present) of such records.
+    leads_scaled_separately: bool = False
 
     @property
     def n_samples(self) -> int:

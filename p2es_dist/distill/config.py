@@ -2,7 +2,7 @@
 
     distill: {teacher: runs/p2es-.../step-00001000, sampler: ddim, steps: 10, seed: 0, actors: 2,
               teacher_batch_size: 16, cache_root: s3://p2es/teacher_outputs, prune_fraction: 0.5, ...}
-    model:   {name: student, ...}         # p2es_dist.distill.student.StudentConfig (before pruning)
+    model:   {name: student, ...}         # p2es_dist.models.student.StudentConfig (before pruning)
     data:    {uris: [...], ...}           # the windows to distil on (LoaderConfig); augmentation must be off
     train:   {...}                        # TrainSection of the distillation stage; the fine-tune reuses it
 """

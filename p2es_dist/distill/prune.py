@@ -25,9 +25,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from p2es_dist.distill.student import Student, StudentConfig
 from p2es_dist.models.base import Batch
 from p2es_dist.models.common import ppg_input
+from p2es_dist.models.student import Student, StudentConfig
 
 
 @dataclass

@@ -27,8 +27,8 @@ import torch
 from p2es_dist.config import to_dict
 from p2es_dist.distill.config import DistillJob, parse_distill_config
 from p2es_dist.distill.teacher_outputs import Compute, ensure_teacher_outputs, infer_with_ray
-from p2es_dist.export.loading import CHECKPOINT_CONFIG, WEIGHTS, load_model
 from p2es_dist.models.base import Batch, count_parameters
+from p2es_dist.models.checkpoint import CHECKPOINT_CONFIG, WEIGHTS, load_model, save_checkpoint
 from p2es_dist.storage import uri as uri_lib
 
 log = logging.getLogger("p2es.distill")
@@ -70,21 +70,10 @@ def scoring_batches(cache_uri: str, *, windows: int, batch_size: int = 64) -> It
             return
 
 
-def save_checkpoint(model: torch.nn.Module, model_section: dict[str, Any], folder: str) -> str:
-    """model.safetensors + model.json in `folder`, the layout `load_model` reads; returns the weights URI."""
-    from safetensors.torch import save
-
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    weights_uri = uri_lib.join(folder, WEIGHTS)
-    uri_lib.write_bytes_atomic(weights_uri, save(state, metadata={"model": json.dumps(model_section)}))
-    uri_lib.write_text_atomic(uri_lib.join(folder, CHECKPOINT_CONFIG), json.dumps(model_section, indent=2))
-    return weights_uri
-
-
 def export_artifacts(model: torch.nn.Module, folder: str, batch: Batch, *, quantize: bool) -> dict[str, Any]:
     """model.onnx (and model.int8.onnx) in `folder`, with their size and max |difference| to PyTorch."""
-    from p2es_dist.distill.onnx_io import export_onnx, onnx_max_abs_diff
-    from p2es_dist.distill.quantize import quantize_int8
+    from p2es_dist.export.onnx_io import export_onnx, onnx_max_abs_diff
+    from p2es_dist.export.quantize import quantize_int8
 
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as scratch:

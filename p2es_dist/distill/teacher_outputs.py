@@ -19,7 +19,6 @@ draws depend on how Ray Data groups windows; the cache is what makes them fixed 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import time
@@ -35,6 +34,7 @@ from p2es_dist import __version__
 from p2es_dist.constants import FS, N_LEADS, SCHEMA_VERSION, WINDOW
 from p2es_dist.data.loader import READ_COLUMNS
 from p2es_dist.distill.config import DistillSection
+from p2es_dist.models.base import GenerationOptions
 from p2es_dist.storage import uri as uri_lib
 
 log = logging.getLogger("p2es.distill")
@@ -54,14 +54,13 @@ def cache_folder(cache_root: str, key: dict[str, Any]) -> str:
     return uri_lib.join(cache_root, f"{key['teacher_digest'][:12]}-{key['sampler']}{key['steps']}-{digest}")
 
 
-def generate_kwargs(model: Any, *, sampler: str, steps: int, n_samples: int) -> dict[str, Any]:
-    """Sampler arguments the teacher's `generate` accepts (P2Es takes all; a regressor takes none)."""
-    accepted = inspect.signature(model.generate).parameters
-    wanted = {"sampler": sampler, "steps": steps, "n_samples": n_samples}
-    return {name: value for name, value in wanted.items() if name in accepted}
+def generation_options(distill: DistillSection) -> GenerationOptions:
+    """How the teacher draws (a deterministic teacher, e.g. a regressor, ignores all but the seed)."""
+    return GenerationOptions(seed=distill.seed, sampler=distill.sampler, steps=distill.steps,
+                             n_samples=distill.n_samples)
 
 
-def predict_table(model: Any, table: pa.Table, *, seed: int, kwargs: dict[str, Any], device: str = "cpu") -> pa.Table:
+def predict_table(model: Any, table: pa.Table, *, options: GenerationOptions, device: str = "cpu") -> pa.Table:
     """Shard rows -> the rows with PPG, plus the teacher's `teacher_ecg` column (model space, float16)."""
     import torch
 
@@ -74,7 +73,7 @@ def predict_table(model: Any, table: pa.Table, *, seed: int, kwargs: dict[str, A
     # np.array copies: Arrow buffers are read-only, and torch must not alias memory it could write to.
     batch = {key: torch.from_numpy(np.array(value)).to(device) for key, value in table_to_batch(table).items()}
     with torch.no_grad():
-        ecg = model.generate(batch, seed=seed, **kwargs).float().cpu().numpy()
+        ecg = model.generate(batch, options).float().cpu().numpy()
     flat = np.clip(np.nan_to_num(ecg), -FLOAT16_LIMIT, FLOAT16_LIMIT).astype(np.float16).reshape(-1)
     column = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float16()), N_LEADS * WINDOW)
     return table.append_column(TEACHER_COLUMN, column)
@@ -83,18 +82,18 @@ def predict_table(model: Any, table: pa.Table, *, seed: int, kwargs: dict[str, A
 class TeacherPredictor:
     """A Ray Data actor: loads the teacher once, then turns Arrow batches into batches with `teacher_ecg`."""
 
-    def __init__(self, *, teacher_uri: str, seed: int, kwargs: dict[str, Any], threads: int = 1,
+    def __init__(self, *, teacher_uri: str, options: GenerationOptions, threads: int = 1,
                  device: str = "cpu") -> None:
         import torch
 
-        from p2es_dist.export.loading import load_model
+        from p2es_dist.models.checkpoint import load_model
 
         torch.set_num_threads(max(1, threads))
         self.model = load_model(teacher_uri).model.to(device)
-        self.seed, self.kwargs, self.device = seed, kwargs, device
+        self.options, self.device = options, device
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        return predict_table(self.model, table, seed=self.seed, kwargs=self.kwargs, device=self.device)
+        return predict_table(self.model, table, options=self.options, device=self.device)
 
 
 def infer_with_ray(*, teacher_uri: str, data_uris: list[str], distill: DistillSection, shard_folder: str) -> None:
@@ -103,10 +102,7 @@ def infer_with_ray(*, teacher_uri: str, data_uris: list[str], distill: DistillSe
     from ray.data.expressions import col, lit
 
     from p2es_dist.data.loader import read_windows
-    from p2es_dist.export.loading import load_model
 
-    probe = load_model(teacher_uri).model  # which sampler arguments it takes, decided once on the driver
-    kwargs = generate_kwargs(probe, sampler=distill.sampler, steps=distill.steps, n_samples=distill.n_samples)
     dataset = read_windows(data_uris, split=None, columns=READ_COLUMNS)
     wanted = None
     for split in distill.splits:
@@ -118,7 +114,7 @@ def infer_with_ray(*, teacher_uri: str, data_uris: list[str], distill: DistillSe
         TeacherPredictor,
         batch_size=distill.teacher_batch_size,
         batch_format="pyarrow",
-        fn_constructor_kwargs={"teacher_uri": teacher_uri, "seed": distill.seed, "kwargs": kwargs,
+        fn_constructor_kwargs={"teacher_uri": teacher_uri, "options": generation_options(distill),
                                "threads": max(1, round(distill.cpus_per_actor)),
                                "device": "cuda" if use_gpu else "cpu"},
         compute=ray.data.ActorPoolStrategy(size=distill.actors),

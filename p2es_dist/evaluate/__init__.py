@@ -1,4 +1,5 @@
-"""`p2es evaluate` (SPEC section 5): signal fidelity, heart rate, fd and diagnostic value on window shards.
+"""`p2es evaluate` (README "Evaluation", output `p2es_dist/schemas/metrics.schema.json`): signal fidelity, heart
+rate, fd and diagnostic value on window shards.
 
 - `metrics`: pure numpy metric functions (per-window per-lead arrays in, dicts out), DTW, HR, Fréchet, bootstrap
 - `diagnostic`: the fixed classifier's per-label sensitivity / specificity / precision / F1 / AUROC

@@ -196,3 +196,28 @@ def plot_bland_altman(path: str | Path, *, recorded_bpm: np.ndarray, generated: 
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def plot_rhythm_strips(path: str | Path, *, traces: dict[str, np.ndarray], fs: float = float(FS),
+                       title: str = "", lead: str = "II") -> Path:
+    """One lead of several ECGs (label -> (n,) in mV), one strip each on ECG paper, sharing the time axis.
+
+    `p2es quickstart` uses it to put the recorded, zero-shot and calibrated lead II of one record side
+    by side: each strip has its own amplitude range, so a flat output is seen as flat, not as a line.
+    """
+    if not traces:
+        raise ValueError("plot_rhythm_strips needs at least one trace")
+    fig, axes = plt.subplots(len(traces), 1, figsize=(16, 2.2 * len(traces)), dpi=100, squeeze=False)
+    for ax, (colour, (label, values)) in zip(axes[:, 0], zip(_TRACE_COLOURS, traces.items(), strict=False),
+                                              strict=False):
+        values = np.asarray(values, dtype=np.float64)
+        t = np.arange(len(values)) / fs
+        finite = values[np.isfinite(values)]
+        y_lo, y_hi = (float(finite.min()), float(finite.max())) if finite.size else (-1.0, 1.0)
+        pad = max(0.1, 0.1 * (y_hi - y_lo))
+        _paper(ax, t_max=len(values) / fs, y_lo=y_lo - pad, y_hi=y_hi + pad)
+        ax.plot(t, values, color=colour, linewidth=0.9)
+        ax.text(0.005, 0.95, f"{lead}: {label}", transform=ax.transAxes, va="top", fontsize=10, bbox=_LABEL_BOX)
+    if title:
+        fig.suptitle(title, fontsize=12)
+    return _save(fig, path)

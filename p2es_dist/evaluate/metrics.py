@@ -1,4 +1,5 @@
-"""Signal-fidelity metrics of SPEC section 5: pure numpy functions, per-window per-lead arrays in, dicts out.
+"""Signal-fidelity metrics of `metrics.json` (`p2es_dist/schemas/metrics.schema.json`): pure numpy functions,
+per-window per-lead arrays in, dicts out.
 
 Shapes: `target`, `prediction` are (n, 12, L) in one space (model space or per-lead min-max), `mask` (n, 12)
 says which leads enter the metrics (recorded, and not given to the model as input). Per-window per-lead
@@ -25,7 +26,10 @@ import numpy as np
 
 from p2es_dist.constants import FS, LEADS
 
-METRICS: tuple[str, ...] = ("mse", "mae", "rmse", "rrmse", "pearson", "dtw")
+METRICS: tuple[str, ...] = ("mse", "mae", "rmse", "rrmse", "pearson", "pearson_lag", "lag_ms", "dtw")
+# Lag-tolerant Pearson: the best Pearson over shifts of the generated lead within +-80 ms (10 samples),
+# a QRS placed one PAT-spread early or late. `lag_ms` is that shift (positive: generated lags recorded).
+MAX_LAG_MS = 80.0
 DTW_BAND_FRACTION = 0.1
 HR_MIN_PEAKS = 4  # >= 3 RR intervals in an 8 s window; fewer (or a failed detection) excludes the window
 _EPS = 1e-12
@@ -55,7 +59,40 @@ def pointwise_errors(target: np.ndarray, prediction: np.ndarray, mask: np.ndarra
         "rmse": _masked(np.sqrt(mse), mask),
         "rrmse": _masked(rrmse, mask),
         "pearson": _masked(pearson, mask),
+        **lagged_pearson(target, prediction, mask),
     }
+
+
+def lagged_pearson(target: np.ndarray, prediction: np.ndarray, mask: np.ndarray,
+                   *, max_lag_ms: float = MAX_LAG_MS, fs: float = FS) -> dict[str, np.ndarray]:
+    """(n, 12) best Pearson r over shifts within +-`max_lag_ms` and the shift (ms) that gives it.
+
+    Every shift is scored on the same central span (the window minus `max_lag` samples at each end), so
+    no shift is favoured by a shorter overlap; shift 0 therefore differs slightly from `pearson`.
+    """
+    max_lag = int(round(max_lag_ms * fs / 1000.0))
+    length = target.shape[-1]
+    if length <= 4 * max_lag:  # too short to shift: no lag-tolerant figure
+        nothing = np.full(target.shape[:-1], np.nan)
+        return {"pearson_lag": nothing, "lag_ms": nothing.copy()}
+    core = slice(max_lag, length - max_lag)
+    t = target[..., core]
+    t = t - t.mean(axis=-1, keepdims=True)
+    t_norm = np.sqrt(np.sum(t**2, axis=-1))
+    best = np.full(target.shape[:-1], -np.inf)
+    best_lag = np.zeros(target.shape[:-1])
+    for lag in range(-max_lag, max_lag + 1):
+        p = prediction[..., max_lag + lag: length - max_lag + lag]
+        p = p - p.mean(axis=-1, keepdims=True)
+        denominator = t_norm * np.sqrt(np.sum(p**2, axis=-1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = np.where(denominator > _EPS, np.sum(t * p, axis=-1) / denominator, np.nan)
+        better = np.nan_to_num(r, nan=-np.inf) > best
+        best = np.where(better, r, best)
+        best_lag = np.where(better, lag, best_lag)
+    best = np.where(np.isfinite(best), best, np.nan)
+    lag_ms = np.where(np.isfinite(best), best_lag * 1000.0 / fs, np.nan)
+    return {"pearson_lag": _masked(best, mask), "lag_ms": _masked(lag_ms, mask)}
 
 
 def sakoe_chiba_window(length: int, fraction: float = DTW_BAND_FRACTION) -> int:

@@ -17,7 +17,7 @@ import pyarrow as pa
 from p2es_dist import __version__
 from p2es_dist.constants import SCHEMA_VERSION
 from p2es_dist.errors import UserError
-from p2es_dist.evaluate import figures, metrics
+from p2es_dist.evaluate import figures, metrics, templates
 from p2es_dist.evaluate.diagnostic import diagnostic_summary
 from p2es_dist.evaluate.runner import (
     EvalConfig,
@@ -44,7 +44,7 @@ SPACE_DEFINITIONS = {
 
 
 def _load(uri: str, role: str):
-    from p2es_dist.export.loading import load_model
+    from p2es_dist.models.checkpoint import load_model
 
     loaded = load_model(uri)
     if role in ("model", "baseline") and not hasattr(loaded.model, "generate"):
@@ -69,9 +69,10 @@ def pick_windows(run: ModelRun) -> dict[str, int]:
 def _regenerate(run: ModelRun, table: pa.Table, config: EvalConfig, first: int) -> tuple[dict, np.ndarray]:
     """The batch starting at row `first` and the model's output for it: same rows, same seed, same output."""
     _, batch = next(iter_batches(table, batch_size=config.batch_size, condition=config.condition,
+                                 protocol=config.protocol, population=config.population,
                                  start=first, stop=min(first + config.batch_size, len(table))))
-    kwargs, _ = generation_settings(run.loaded.model, config.generation)
-    return batch, generate(run.loaded.model, batch, first_row=first, generation=config.generation, kwargs=kwargs)
+    options, _ = generation_settings(run.loaded.model, config.generation)
+    return batch, generate(run.loaded.model, batch, first_row=first, options=options)
 
 
 def write_figures(out: Path, *, runs: list[ModelRun], sections: dict[str, dict], table: pa.Table,
@@ -126,12 +127,18 @@ def run_evaluation(*, model_uri: str, config: EvalConfig, out: str | Path, basel
     encoder = _load(encoder_uri, "encoder").model.eval() if encoder_uri else None
 
     table = read_eval_windows(config.data, split=config.split, max_windows=config.max_windows)
-    log.info("evaluating %d windows of split %s", len(table), config.split)
+    with_templates = "calib_pat_s" in table.column_names
+    if config.protocol != "zero-shot" or with_templates:
+        templates.check_protocol(config.data, config.protocol, config.calibration_s)
+        table = templates.scored_rows(table, config.protocol)
+        config.population = templates.training_population(config.data)
+        loaded.update(templates.template_baselines(config.protocol, config.population))
+    log.info("evaluating %d windows of split %s (%s protocol)", len(table), config.split, config.protocol)
     reference = compute_reference(table, config, classifier=classifier, encoder=encoder)
     if not reference.mask.any():
         raise UserError(f"--condition {','.join(config.condition)}: no recorded lead is left to score in these "
                         "windows (every recorded lead is a model input)")
-    names = {"model": loaded["model"].name, **{name: name for name in baselines}}
+    names = {"model": loaded["model"].name, **{name: name for name in loaded if name != "model"}}
     if names["model"] in baselines:
         names["model"] = f"{names['model']} (model)"
     runs = [run_model(names[key], value, table, reference, config, classifier=classifier, encoder=encoder)
@@ -157,6 +164,12 @@ def run_evaluation(*, model_uri: str, config: EvalConfig, out: str | Path, basel
                             if classifier is not None else {"classifier": None, "note": "no --classifier given"}),
         "bootstrap": {"n": config.n_boot, "level": 0.95, "unit": "subject", "seed": config.generation.seed},
         "baselines": {run.name: sections[run.name] for run in runs[1:]},
+        "protocol": {"name": config.protocol,
+                     "calibration_s": config.calibration_s if config.protocol == "calibrated" else None,
+                     "scored": ("windows starting at or after the end of their record's calibration segment"
+                                if config.protocol == "calibrated" else "every window of the split"),
+                     "population": templates.population_summary(config.population),
+                     "verdict": templates.lead_ii_verdict(sections, runs[0].name, config.protocol)},
     })
     out.mkdir(parents=True, exist_ok=True)
     if with_figures:

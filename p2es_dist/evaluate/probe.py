@@ -216,8 +216,8 @@ def run_probe(*, encoder_uri: str, train_data: list[str], data: list[str], label
               bootstrap: int = 1000, max_windows: int | None = None) -> dict[str, Any]:
     """Linear-probe AUROC per label (pretrained vs. random-init encoder); writes out/metrics.json."""
     from p2es_dist.evaluate.reconstruction import LeadMeans, ReconstructionErrors
-    from p2es_dist.export.loading import load_model
     from p2es_dist.models import build_model
+    from p2es_dist.models.checkpoint import load_model
 
     unknown = [label for label in labels if label not in LABEL_INDEX]
     if unknown or not labels:

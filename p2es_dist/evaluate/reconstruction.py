@@ -2,9 +2,9 @@
 
     run_reconstruction(encoder_uri="out/pretrain", data=["s3://p2es/ptbxl"], split="test", out="out/recon")
 
-Metric: MSE in model space (SPEC section 5, `"space": "window"`) on every recorded lead that was not
-given; per window, averaged over windows for each lead, then over leads for `overall`. Windows that
-lack a given channel are skipped (there is nothing to reconstruct from).
+Metric: MSE in model space (`p2es_dist/data/normalize.py`, `"space": "window"` in metrics.json) on every
+recorded lead that was not given; per window, averaged over windows for each lead, then over leads for
+`overall`. Windows that lack a given channel are skipped (there is nothing to reconstruct from).
 
 Baseline: the per-lead mean. For lead l, c_l is the mean of its model-space samples over all recorded
 windows of the training split (over windows and time: windows are not beat-aligned, so a per-sample
@@ -99,7 +99,7 @@ class ReconstructionErrors:
 def run_reconstruction(*, encoder_uri: str, data: list[str], split: str, out: str, given: Sequence[str] = ("II",),
                        train_split: str = "train", max_windows: int | None = None) -> dict[str, Any]:
     """Masked-lead MSE of the encoder vs. the per-lead mean baseline; merged into out/metrics.json."""
-    from p2es_dist.export.loading import load_model
+    from p2es_dist.models.checkpoint import load_model
 
     loaded = load_model(encoder_uri)
     if loaded.name != "encoder":

@@ -12,7 +12,6 @@ Stochastic models draw their noise with seed `generation.seed + first row of the
 
 from __future__ import annotations
 
-import inspect
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,19 +26,12 @@ from p2es_dist.data.batches import labels_multi_hot
 from p2es_dist.data.normalize import minmax_per_lead
 from p2es_dist.evaluate import diagnostic, metrics
 from p2es_dist.evaluate.windows import iter_batches, target_mask, to_torch
+from p2es_dist.models.base import GenerationOptions, TranslationModel
 
 SPACES = ("window", "minmax")
 AGE_BANDS: tuple[tuple[str, float, float], ...] = (
     ("<40", 0.0, 40.0), ("40-59", 40.0, 60.0), ("60-79", 60.0, 80.0), ("80+", 80.0, float("inf")),
 )
-
-
-@dataclass
-class GenerationConfig:
-    seed: int = 0
-    sampler: str | None = None  # stochastic models only; None: the model's default
-    steps: int | None = None
-    n_samples: int = 1
 
 
 @dataclass
@@ -49,11 +41,14 @@ class EvalConfig:
     max_windows: int | None = None
     batch_size: int = 32
     condition: list[str] = field(default_factory=list)  # leads given as input instead of PPG
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    generation: GenerationOptions = field(default_factory=GenerationOptions)  # sampler fields: stochastic models
     n_boot: int = 1000
     with_dtw: bool = True
     worst_k: int = 5
     progress: bool = True
+    protocol: str = "zero-shot"  # or "calibrated" (evaluate/templates.py)
+    calibration_s: float = 60.0
+    population: Any = None  # the training population's CalibrationProfile, set by the pipeline
 
 
 @dataclass
@@ -75,7 +70,7 @@ class Reference:
 @dataclass
 class ModelRun:
     name: str
-    loaded: Any  # export.loading.LoadedModel
+    loaded: Any  # models.checkpoint.LoadedModel
     per_window: dict[str, dict[str, np.ndarray]]  # space -> metric -> (n, 12)
     hr: np.ndarray
     generation: dict[str, Any]
@@ -115,7 +110,8 @@ def _embed(encoder, batch: dict[str, np.ndarray], ecg: np.ndarray) -> np.ndarray
 def compute_reference(table: pa.Table, config: EvalConfig, *, classifier=None, encoder=None) -> Reference:
     """Recorded-side quantities of every window: scored-lead mask, lead II heart rate, classifier, features."""
     masks, recorded, hr, probabilities, features = [], [], [], [], []
-    batches = iter_batches(table, batch_size=config.batch_size, condition=config.condition)
+    batches = iter_batches(table, batch_size=config.batch_size, condition=config.condition,
+                           protocol=config.protocol, population=config.population)
     for _, batch in _progress(batches, total=_n_batches(table, config), desc="recorded", enabled=config.progress):
         masks.append(target_mask(batch))
         recorded.append(batch["ecg_mask"])
@@ -137,39 +133,35 @@ def compute_reference(table: pa.Table, config: EvalConfig, *, classifier=None, e
     )
 
 
-def generation_settings(model, generation: GenerationConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(kwargs for `generate` besides seed, the settings recorded in metrics.json)."""
-    params = inspect.signature(model.generate).parameters
-    if "sampler" not in params:
-        return {}, {"stochastic": False, "sampler": None, "steps": None, "seed": generation.seed, "n_samples": 1}
-    model_config = getattr(model, "config", None)
-    sampler = generation.sampler or getattr(model_config, "sampler", None)
-    steps = generation.steps
-    if steps is None and model_config is not None:
-        steps = model_config.sample_steps if sampler == "ddim" else getattr(model_config, "timesteps", None)
-    kwargs = {"sampler": sampler, "steps": steps, "n_samples": generation.n_samples}
-    return kwargs, {"stochastic": True, "sampler": sampler, "steps": steps, "seed": generation.seed,
-                    "n_samples": generation.n_samples}
+def generation_settings(model: TranslationModel, generation: GenerationOptions) -> tuple[GenerationOptions,
+                                                                                         dict[str, Any]]:
+    """(the options with the model's defaults filled in, the settings recorded in metrics.json).
+
+    A deterministic model records `stochastic: false` and sampler/steps None, whatever was asked.
+    """
+    resolved = model.generation_options(generation)
+    return resolved, {"stochastic": model.stochastic, **resolved.as_dict()}
 
 
-def generate(model, batch: dict[str, np.ndarray], *, first_row: int, generation: GenerationConfig,
-             kwargs: dict[str, Any]) -> np.ndarray:
-    """(B, 12, L) model-space float32 ECG; the seed depends on the batch's first row only."""
+def generate(model: TranslationModel, batch: dict[str, np.ndarray], *, first_row: int,
+             options: GenerationOptions) -> np.ndarray:
+    """(B, 12, L) model-space float32 ECG; the seed is `options.seed` + the batch's first row."""
     with torch.no_grad():
-        out = model.generate(to_torch(batch), seed=generation.seed + first_row, **kwargs)
+        out = model.generate(to_torch(batch), options.with_seed(options.seed + first_row))
     return out.float().numpy()
 
 
 def run_model(name: str, loaded, table: pa.Table, reference: Reference, config: EvalConfig, *,
               classifier=None, encoder=None) -> ModelRun:
     model = loaded.model.eval()
-    kwargs, settings = generation_settings(model, config.generation)
+    options, settings = generation_settings(model, config.generation)
     per_window: dict[str, dict[str, list]] = {space: {m: [] for m in metrics.METRICS} for space in SPACES}
     hr, probabilities, features, seconds = [], [], [], 0.0
-    batches = iter_batches(table, batch_size=config.batch_size, condition=config.condition)
+    batches = iter_batches(table, batch_size=config.batch_size, condition=config.condition,
+                           protocol=config.protocol, population=config.population)
     for lo, batch in _progress(batches, total=_n_batches(table, config), desc=name, enabled=config.progress):
         started = time.perf_counter()
-        generated = generate(model, batch, first_row=lo, generation=config.generation, kwargs=kwargs)
+        generated = generate(model, batch, first_row=lo, options=options)
         seconds += time.perf_counter() - started
         mask = reference.mask[lo : lo + len(generated)]
         spaces = {"window": (batch["ecg"], generated),

@@ -24,7 +24,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from p2es_dist.constants import LEADS, SPLITS
-from p2es_dist.data.loader import convert_block, shard_paths
+from p2es_dist.data.loader import calibration_available, convert_block, shard_paths
+from p2es_dist.data.schema import CALIBRATION_COLUMNS
 from p2es_dist.errors import UserError
 
 EVAL_COLUMNS = ["window_id", "subject_id", "split", "ppg", "ecg", "ecg_mask", "age", "sex", "labels"]
@@ -59,7 +60,8 @@ def read_eval_windows(uris: list[str], *, split: str = "test", max_windows: int 
         chosen = pa.array(ids, pa.string())
         row_filter = ds.field("window_id").isin(chosen) if row_filter is None else (
             row_filter & ds.field("window_id").isin(chosen))
-    table = dataset.to_table(columns=EVAL_COLUMNS, filter=row_filter)
+    columns = EVAL_COLUMNS + (["start", "record", *CALIBRATION_COLUMNS] if calibration_available(uris) else [])
+    table = dataset.to_table(columns=columns, filter=row_filter)
     return table.take(pc.sort_indices(table, sort_keys=[("window_id", "ascending")]))
 
 
@@ -73,13 +75,30 @@ def parse_condition(leads: list[str] | None) -> list[str]:
 
 
 def iter_batches(table: pa.Table, *, batch_size: int, condition: list[str] | None = None,
-                 start: int = 0, stop: int | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """(first row, model-space numpy batch) for consecutive slices of `table`; signals widened to float32."""
+                 start: int = 0, stop: int | None = None, protocol: str = "zero-shot",
+                 population=None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(first row, model-space numpy batch) for consecutive slices of `table`; signals widened to float32.
+
+    Under the zero-shot protocol models get no calibration template (`template_mask` all false); under
+    the calibrated one they get the patient's. Template baselines' renders ride along when the shards
+    carry beat timing (`evaluate/templates.py`).
+    """
+    from p2es_dist.evaluate.templates import template_renders
+
     stop = len(table) if stop is None else stop
     for lo in range(start, stop, batch_size):
-        batch = convert_block(table.slice(lo, min(batch_size, stop - lo)), condition_leads=condition or None)
-        for key in ("ecg", "ppg"):
-            batch[key] = batch[key].astype(np.float32)
+        rows = table.slice(lo, min(batch_size, stop - lo))
+        batch = convert_block(rows, condition_leads=condition or None)
+        for key in ("ecg", "ppg", "template"):
+            if key in batch:
+                batch[key] = batch[key].astype(np.float32)
+        if "template" in batch:
+            batch.update(template_renders(rows, population, protocol))
+            if protocol == "zero-shot":
+                batch["personal_template"] = batch["template"]  # kept for nothing but figures
+                batch["template_mask"] = np.zeros_like(batch["template_mask"])
+                batch["template"] = np.zeros_like(batch["template"])
+                del batch["personal_template"]
         yield lo, batch
 
 

@@ -1,1 +1,3 @@
-"""Publishable bundles (SPEC section 6) and loading any model this project writes."""
+"""Publishable bundles (`bundle`, README "Distillation, bundles, translation"), their model card, and the mobile
+files: ONNX (`onnx_io`), int8 ONNX weights (`quantize`), TorchScript (`mobile`). Reading and writing weights,
+and `load_model`, are `p2es_dist.models.checkpoint`."""

@@ -1,12 +1,13 @@
-"""`write_bundle`: a checkpoint -> a publishable bundle (SPEC section 6), read back by `loading.load_model`.
+"""`write_bundle`: a checkpoint -> a publishable bundle (README "Distillation, bundles, translation"), read back
+by `p2es_dist.models.checkpoint.load_model`.
 
-    model.safetensors   fp32 weights, no pickle
+    model.safetensors   fp32 weights, no pickle (`checkpoint.encode_weights`, the writer every checkpoint uses)
     config.json         format, kind, the `model:` section, preprocessing, generation settings (stochastic
                         models), mobile-file checks, source checkpoint, weights sha256
     MODEL_CARD.md       generated from metrics.json and the training run (export.model_card)
     metrics.json        the evaluation's metrics.json, copied byte for byte ({"evaluated": false} without one)
     model.onnx, model.pt   students only: PPG -> 12 leads, checked against PyTorch (export.mobile)
-    SHA256SUMS          `<sha256>  <file>` for every other file, written last
+    SHA256SUMS          `<sha256>  <file>` for every other file, written last (`checkpoint.format_sums`)
 
 The bundle is assembled in a hidden folder beside `out`, loaded back and compared with the source
 model, then renamed into place, so a half-written bundle never appears under `out`. On S3, where
@@ -28,8 +29,9 @@ import torch
 from p2es_dist.constants import FS, LEADS, WINDOW
 from p2es_dist.data.preprocess import PreprocessConfig
 from p2es_dist.errors import UserError
-from p2es_dist.export import loading
 from p2es_dist.export.model_card import describe_data, render_model_card
+from p2es_dist.models import checkpoint as ckpt
+from p2es_dist.models.base import GenerationOptions
 from p2es_dist.storage import uri as uri_lib
 
 BUNDLE_FORMAT_VERSION = 1
@@ -87,12 +89,8 @@ def training_uris(checkpoint: str, train_result: str | None) -> tuple[list[str],
 
 
 def fp32_weights(model: torch.nn.Module, model_config: dict[str, Any]) -> bytes:
-    """The state dict as safetensors bytes, floating tensors in fp32."""
-    from safetensors.torch import save
-
-    state = {name: (t.detach().float() if t.is_floating_point() else t.detach()).contiguous().cpu()
-             for name, t in model.state_dict().items()}
-    return save(state, metadata={"format": loading.BUNDLE_FORMAT, "model": json.dumps(model_config)})
+    """The state dict as safetensors bytes, floating tensors in fp32 (the checkpoints' writer, bundle format)."""
+    return ckpt.encode_weights(model, model_config, format=ckpt.BUNDLE_FORMAT)
 
 
 def preprocessing() -> dict[str, Any]:
@@ -110,12 +108,13 @@ def preprocessing() -> dict[str, Any]:
 
 
 def generation_settings(model: torch.nn.Module, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Sampler settings of a stochastic model: those the evaluation used, else the model's defaults."""
-    config = getattr(model, "config", None)
-    if not hasattr(config, "sampler"):
+    """Sampler settings of a stochastic model: those the evaluation used, else the model's defaults.
+
+    None for a deterministic model, and for models that do not generate (encoder, classifier).
+    """
+    if not getattr(model, "stochastic", False):
         return None
-    settings = {"sampler": config.sampler, "steps": getattr(config, "sample_steps", None), "seed": 0,
-                "n_samples": 1}
+    settings = model.generation_options(GenerationOptions()).as_dict()
     settings.update({k: v for k, v in ((metrics or {}).get("generation") or {}).items() if k in settings})
     return settings
 
@@ -126,13 +125,13 @@ def _stage(folder: Path, files: dict[str, bytes]) -> None:
 
 
 def _sums(folder: Path) -> bytes:
-    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != loading.SUMS)
-    return "".join(f"{loading.sha256_bytes((folder / n).read_bytes())}  {n}\n" for n in names).encode()
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ckpt.SUMS}
+    return ckpt.format_sums(files).encode()
 
 
 def _check_round_trip(folder: Path, model: torch.nn.Module) -> None:
     """The staged bundle loads with `load_model` and holds exactly the source model's weights."""
-    loaded = loading.load_model(str(folder)).model.state_dict()
+    loaded = ckpt.load_model(str(folder)).model.state_dict()
     for name, tensor in model.state_dict().items():
         if not torch.equal(loaded[name], tensor.to(loaded[name].dtype)):
             raise RuntimeError(f"bundle round trip changed {name}")
@@ -140,9 +139,9 @@ def _check_round_trip(folder: Path, model: torch.nn.Module) -> None:
 
 def _publish(staging: Path, out: str, *, overwrite: bool) -> None:
     if uri_lib.is_s3(out):
-        if uri_lib.exists(uri_lib.join(out, loading.SUMS)) and not overwrite:
+        if uri_lib.exists(uri_lib.join(out, ckpt.SUMS)) and not overwrite:
             raise UserError(f"--out {out}: a bundle is already there (pass --overwrite to replace it)")
-        for path in sorted(staging.iterdir(), key=lambda p: p.name == loading.SUMS):  # sums last
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == ckpt.SUMS):  # sums last
             uri_lib.write_bytes_atomic(uri_lib.join(out, path.name), path.read_bytes())
         return
     target = Path(out.removeprefix("file://"))
@@ -172,9 +171,9 @@ def write_bundle(checkpoint: str, out: str, *, metrics: str | None = None, no_me
     if kind is not None and kind not in KINDS:
         raise UserError(f"--kind: expected one of {', '.join(KINDS)}, got {kind!r}")
     metrics_dict, metrics_raw = read_metrics(metrics) if metrics else (None, b'{"evaluated": false}\n')
-    loaded = loading.load_model(checkpoint)
+    loaded = ckpt.load_model(checkpoint)
     kind = kind or kind_of(loaded.name)
-    if kind == "student" and hasattr(getattr(loaded.model, "config", None), "sampler"):
+    if kind == "student" and getattr(loaded.model, "stochastic", False):
         raise UserError(f"--kind student: model {loaded.name!r} samples iteratively; a mobile student is one "
                         "forward pass from PPG (distill it first with `p2es distill`)")
     model_config = dict(loaded.model_config)
@@ -198,18 +197,18 @@ def write_bundle(checkpoint: str, out: str, *, metrics: str | None = None, no_me
                 raise UserError(f"--checkpoint {checkpoint}: {exc}; not publishing a mobile model that "
                                 "disagrees with its weights") from None
         config = {
-            "format": loading.BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, "package_version": __version__,
+            "format": ckpt.BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, "package_version": __version__,
             "kind": kind, "model": model_config, "preprocessing": preprocessing(),
             **({"generation": gen} if (gen := generation_settings(loaded.model, metrics_dict)) else {}),
             "source_checkpoint": loaded.uri, "source_weights_sha256": loaded.digest,
-            "weights_sha256": loading.sha256_bytes(weights), "parameters": count_parameters(loaded.model),
+            "weights_sha256": ckpt.sha256_bytes(weights), "parameters": count_parameters(loaded.model),
             "evaluated": metrics_dict is not None, "training_data": training,
             **({"mobile": mobile} if mobile else {}),
         }
         card = render_model_card(config, metrics=metrics_dict, training=training, training_origin=origin)
-        _stage(staging, {loading.WEIGHTS: weights, loading.BUNDLE_CONFIG: json.dumps(config, indent=2).encode(),
+        _stage(staging, {ckpt.WEIGHTS: weights, ckpt.BUNDLE_CONFIG: json.dumps(config, indent=2).encode(),
                          CARD: card.encode(), METRICS: metrics_raw})
-        (staging / loading.SUMS).write_bytes(_sums(staging))
+        (staging / ckpt.SUMS).write_bytes(_sums(staging))
         _check_round_trip(staging, loaded.model)
         files = sorted(p.name for p in staging.iterdir())
         _publish(staging, out, overwrite=overwrite)

@@ -6,8 +6,8 @@ return `ecg` (batch, 12, 1024) in model space; the batch size is free. `PPGOnly`
 the Batch (models/base.py) the way a watch app would: PPG present, no recorded lead, unknown
 demographics.
 
-The ONNX export and its onnxruntime parity check are the distillation's (`p2es_dist.distill.onnx_io`,
-which exports anything with `forward_ppg`); TorchScript is traced here. Both are checked on windows
+The ONNX export and its onnxruntime parity check live in `p2es_dist.export.onnx_io` (shared with
+`p2es distill`, which exports anything with `forward_ppg`); TorchScript is traced here. Both are checked on windows
 other than the ones they were traced with, and with another batch size.
 """
 
@@ -50,7 +50,7 @@ class PPGOnly(nn.Module):
         }
         return self.model.generate(batch)
 
-    def forward_ppg(self, ppg: Tensor) -> Tensor:  # what distill.onnx_io exports
+    def forward_ppg(self, ppg: Tensor) -> Tensor:  # what export.onnx_io exports
         return self(ppg)
 
 
@@ -76,7 +76,8 @@ def export_torchscript(model: nn.Module, path: str | Path) -> float:
     """
     wrapper = PPGOnly(model=model).eval()
     inputs = check_inputs(3)
-    # TorchScript is deprecated in favour of torch.export, but SPEC section 6 asks for model.pt, which
+    # TorchScript is deprecated in favour of torch.export, but a student bundle ships model.pt (README
+    # "Distillation, bundles, translation"; `bundle.py`), which
     # mobile runtimes (PyTorch Mobile / LibTorch) still load; the warnings would only clutter the CLI.
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -90,7 +91,7 @@ def write_mobile_artefacts(model: nn.Module, folder: Path) -> dict:
 
     Raises RuntimeError when either differs from PyTorch by more than TOLERANCE.
     """
-    from p2es_dist.distill.onnx_io import export_onnx, onnx_max_abs_diff
+    from p2es_dist.export.onnx_io import export_onnx, onnx_max_abs_diff
 
     wrapper = PPGOnly(model=model).eval()
     export_onnx(wrapper, folder / "model.onnx", opset=ONNX_OPSET)
@@ -104,7 +105,7 @@ def write_mobile_artefacts(model: nn.Module, folder: Path) -> dict:
           "output": {"name": "ecg", "shape": ["batch", N_LEADS, WINDOW], "dtype": "float32",
                      "space": "model space: 12 leads, one scale per window (no absolute amplitude)"}}
     return {
-        "onnx": {"file": "model.onnx", "opset": ONNX_OPSET, "exporter": "p2es_dist.distill.onnx_io",
+        "onnx": {"file": "model.onnx", "opset": ONNX_OPSET, "exporter": "p2es_dist.export.onnx_io",
                  "max_abs_diff": results["onnx"], "tolerance": TOLERANCE,
                  "checked_with": "onnxruntime CPUExecutionProvider", **io},
         "torchscript": {"file": "model.pt", "method": "torch.jit.trace", "max_abs_diff": results["torchscript"],

@@ -1,4 +1,5 @@
-"""Evaluate a model (and baselines, on the very same windows) on window shards: SPEC section 5.
+"""Evaluate a model (and baselines, on the very same windows) on window shards (README "Evaluation";
+the output's layout is `p2es_dist/schemas/metrics.schema.json`).
 
     p2es evaluate --model runs/p2es/result.json --data shards/bidmc --out eval/ \
         --baselines dct=runs/dct,li2021=runs/li2021 --classifier runs/clf --encoder runs/pretrain
@@ -63,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--condition", help="lead(s) given as input, e.g. II or I,II,V1: 12-from-those-leads "
                                        "reconstruction instead of PPG -> ECG")
     p.add_argument("--split", default="test", choices=["all", "train", "val", "test"])
+    p.add_argument("--protocol", default="zero-shot", choices=["zero-shot", "calibrated"],
+                   help="zero-shot: unseen patients; calibrated: each record's first --calibration-seconds "
+                        "calibrate (PAT, own beat) and only later windows are scored")
+    p.add_argument("--calibration-seconds", type=float, default=60.0,
+                   help="--protocol calibrated: the calibration segment stored at ingest (preprocess.calibration_s)")
     p.add_argument("--max-windows", type=int, help="evaluate a deterministic subset of N windows")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--sampler", choices=["ddim", "ancestral"], help="stochastic models: sampler (default: model's)")
@@ -89,20 +95,23 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--steps: expected a positive number, got {args.steps}")
 
     from p2es_dist.evaluate.pipeline import run_evaluation
-    from p2es_dist.evaluate.runner import EvalConfig, GenerationConfig
+    from p2es_dist.evaluate.runner import EvalConfig
     from p2es_dist.evaluate.windows import parse_condition
+    from p2es_dist.models.base import GenerationOptions
 
     config = EvalConfig(
         data=_list(args.data), split=args.split, max_windows=args.max_windows, batch_size=args.batch_size,
         condition=parse_condition(_list(args.condition)), n_boot=args.bootstrap, with_dtw=not args.no_dtw,
-        generation=GenerationConfig(seed=args.seed, sampler=args.sampler, steps=args.steps,
-                                    n_samples=args.n_samples),
+        protocol=args.protocol, calibration_s=args.calibration_seconds,
+        generation=GenerationOptions(seed=args.seed, sampler=args.sampler, steps=args.steps,
+                                     n_samples=args.n_samples),
     )
     doc = run_evaluation(model_uri=args.model, config=config, out=args.out, baselines=parse_baselines(args.baselines),
                          encoder_uri=args.encoder, classifier_uri=args.classifier, with_figures=not args.no_figures)
     headline = {"metrics": f"{args.out}/metrics.json", "n_windows": doc["data"]["n_windows"],
                 "mse": doc["spaces"]["window"]["overall"]["mse"],
                 "pearson": doc["spaces"]["window"]["overall"]["pearson"], "hr_mae_bpm": doc["hr_mae_bpm"],
+                "protocol": doc["protocol"]["name"], "verdict": doc["protocol"]["verdict"],
                 "fd": doc["fd"], "baselines": sorted(doc["baselines"])}
     print(json.dumps(headline))
     return 0

@@ -1,4 +1,4 @@
-"""A checkpoint -> a publishable bundle (SPEC section 6).
+"""A checkpoint -> a publishable bundle (`p2es_dist/export/bundle.py`; README "Distillation, bundles, translation").
 
     p2es export --checkpoint out/distill --metrics out/eval-student/metrics.json --out bundles/p2es-student
     p2es export --checkpoint s3://p2es/runs/p2es-.../checkpoint_000001 --train-result out/train/result.json \

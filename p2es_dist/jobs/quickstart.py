@@ -25,6 +25,7 @@ from p2es_dist.jobs.common import connect_ray, parser
 
 BUCKET = "s3://p2es-demo"
 EVAL_WINDOWS = 64
+CALIBRATION_S = 60.0
 
 
 def _stream(uri: str) -> dict:
@@ -51,7 +52,7 @@ def _train(uris: list[str], steps: int, out: Path) -> dict:
 
     print(f"\ntraining the P2Es teacher for {steps} steps (Ray Train + DeepSpeed)...", flush=True)
     result = run_training(load_config("smoke", _smoke_overrides(uris, steps)), out=str(out / "train"))
-    return {"uri": result["checkpoint"], "val_loss": result["val"].get("val_loss"), "steps": result["steps"]}
+    return {"uri": result["checkpoint"], "val_x0_mse": result["val"].get("val_x0_mse"), "steps": result["steps"]}
 
 
 def _tune(uris: list[str], out: Path) -> dict:
@@ -64,7 +65,8 @@ def _tune(uris: list[str], out: Path) -> dict:
     print("\nsmoke search over noise schedules and depths (Ray Tune + ASHA)...", flush=True)
     space = Path(__file__).resolve().parents[2] / "tune_spaces" / "smoke.yaml"
     best = run_search(str(space), load_config("smoke", _smoke_overrides(uris, 6)), out=str(out / "tune"))
-    return {"uri": best.get("checkpoint"), "val_loss": best.get("value"), "trials": best.get("trials")}
+    return {"uri": best.get("checkpoint"), best.get("metric", "val_x0_mse"): best.get("value"),
+            "trials": best.get("trials")}
 
 
 def _evaluate(model_uri: str, uris: list[str], out: Path) -> dict:
@@ -90,7 +92,7 @@ def _distill(teacher_uri: str, uri: str, out: Path) -> dict:
                  "train.cpus_per_worker=0.5", f"train.storage_path={BUCKET}/runs"]
     result = run_distill(load_config("distill", overrides), out=str(out))
     return {"uri": result["checkpoint"], "result": f"{result['params']:,} parameters, {result['bytes']:,} bytes, "
-            f"val_loss {result['val'].get('val_loss', float('nan')):.4f}"}
+            f"val_x0_mse {result['val'].get('val_x0_mse', float('nan')):.4f}"}
 
 
 def _export(checkpoint: str, metrics: Path, train_result: Path, out: Path) -> dict:
@@ -102,15 +104,55 @@ def _export(checkpoint: str, metrics: Path, train_result: Path, out: Path) -> di
     return {"uri": str(out), "result": files}
 
 
-def _translate(bundle: Path, data_root: Path | None, out: Path) -> dict | None:
+def _translate(bundle: Path, teacher: str, data_root: Path | None, out: Path) -> list[tuple[str, dict]]:
+    """a103l with the student bundle, then with the teacher zero-shot and calibrated on its own first 60 s."""
     record = data_root / "wfdb_samples" / "a103l" if data_root else None
     if record is None or not record.with_suffix(".hea").exists():
-        return None
+        return []
+    from p2es_dist.translate.calibrate import calibrate_file
     from p2es_dist.translate.run import translate_file
 
     out.mkdir(parents=True, exist_ok=True)
     translate_file(model=str(bundle), input=str(record), out=str(out / "a103l"), png=str(out / "a103l.png"))
-    return {"uri": str(out / "a103l.hea"), "result": "12-lead WFDB record at 125 Hz (+ a103l.png)"}
+    rows = [("translate a103l", {"uri": str(out / "a103l.hea"), "result": "student, 12-lead WFDB at 125 Hz (+ png)"})]
+    profile = calibrate_file(input=str(record), out=str(out / "a103l_profile.json"), seconds=CALIBRATION_S)
+    zero_shot = translate_file(model=teacher, input=str(record), out=str(out / "a103l_zero_shot"),
+                               score_from_s=CALIBRATION_S)
+    calibrated = translate_file(model=teacher, input=str(record), out=str(out / "a103l_calibrated"),
+                                calibration=str(out / "a103l_profile.json"), png=str(out / "a103l_calibrated.png"))
+    figure = _compare_strips(record, out, start_s=CALIBRATION_S)
+
+    def pearson(summary: dict) -> str:
+        scored = summary.get("recorded") or {}
+        return "n/a" if not scored else f"{scored['pearson']:.2f}"
+
+    rows.append(("calibrate a103l", {"uri": str(out / "a103l_profile.json"),
+                                     "result": f"PAT {profile['pat_s'] * 1000:.0f} ms from {profile['n_beats']} beats "
+                                               f"of its first {CALIBRATION_S:.0f} s"}))
+    rows.append(("zero-shot vs calibrated", {"uri": str(figure),
+                                             "result": f"teacher lead II Pearson after {CALIBRATION_S:.0f} s: "
+                                                       f"zero-shot {pearson(zero_shot)}, calibrated "
+                                                       f"{pearson(calibrated)}"}))
+    return rows
+
+
+def _compare_strips(record: Path, out: Path, *, start_s: float, seconds: float = 10.0) -> Path:
+    """Recorded, zero-shot and calibrated lead II of a103l, 10 s after the calibration segment."""
+    import wfdb
+
+    from p2es_dist.constants import FS, LEAD_INDEX
+    from p2es_dist.evaluate.figures import plot_rhythm_strips
+    from p2es_dist.translate.run import recorded_leads
+
+    span = slice(int(start_s * FS), int((start_s + seconds) * FS))
+    recorded = recorded_leads(str(record))
+    traces = {"recorded": recorded[0]["II"][span]} if recorded and "II" in recorded[0] else {}
+    for name in ("zero_shot", "calibrated"):
+        generated = wfdb.rdrecord(str(out / f"a103l_{name}")).p_signal[:, LEAD_INDEX["II"]]
+        traces[f"teacher, {name.replace('_', '-')}"] = generated[span]
+    return plot_rhythm_strips(out / "a103l_compare.png", traces=traces,
+                              title=f"a103l lead II, {start_s:.0f}-{start_s + seconds:.0f} s (calibration: 0-"
+                                    f"{start_s:.0f} s)")
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:
@@ -166,10 +208,10 @@ def main(argv: list[str] | None = None) -> int:
             summary["stages"]["evaluate student"] = _evaluate(student, uris, out / "evaluate_student")
             summary["stages"]["export student"] = _export(student, out / "evaluate_student" / "metrics.json",
                                                           out / "distill" / "result.json", out / "bundle")
-            translated = _translate(out / "bundle", Path(args.data_root) if args.data_root else None,
+            translated = _translate(out / "bundle", teacher, Path(args.data_root) if args.data_root else None,
                                     out / "translate")
-            if translated:
-                summary["stages"]["translate a103l"] = translated
+            for stage, info in translated:
+                summary["stages"][stage] = info
         finally:
             if started_ray:
                 import ray
@@ -183,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
             w = info["windows"]
             result = f"windows {w['train']}/{w['val']}/{w['test']} (train/val/test), " \
                      f"streamed at {info['stream']['windows_per_s']}/s"
-        elif "val_loss" in info:
-            result = f"val_loss {info['val_loss']:.4f}" + (f" over {info['trials']} trials" if "trials" in info else "")
+        elif "val_x0_mse" in info:
+            trials = f" over {info['trials']} trials" if "trials" in info else ""
+            result = f"val_x0_mse {info['val_x0_mse']:.4f}{trials}"
         else:
             result = info.get("result") or info.get("status", "")
         rows.append((stage, str(info["uri"]), result))

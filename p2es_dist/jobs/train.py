@@ -24,7 +24,7 @@ def train_and_print(config: dict, out: str | None) -> int:
     with ray_session():
         summary = run_training(config, out=out)
     print(json.dumps({k: summary[k] for k in ("checkpoint", "weights", "steps", "restored_from_step", "failures",
-                                              "val")}))
+                                              "val", "selected") if k in summary}))
     return 0
 
 

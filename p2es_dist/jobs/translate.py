@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--column", help="PPG column (CSV) or channel (WFDB); names match after stripping spaces")
     p.add_argument("--fs", type=float, help="sampling rate in Hz of a CSV input (required for CSV)")
     p.add_argument("--png", help="also plot the first 10 s as a 12-lead printout to this PNG")
+    p.add_argument("--calibration", help="the patient's profile from `p2es calibrate` (PAT, own beat): models "
+                                         "trained with templates use it, and amplitudes follow its beat")
     p.add_argument("--hop", type=int, default=WINDOW // 2,
                    help=f"samples at {FS} Hz between {WINDOW}-sample windows (default {WINDOW // 2})")
     p.add_argument("--seed", type=int, default=0, help="seed of stochastic models (default 0)")
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                              ecg_scale_mv=args.ecg_scale_mv, age=args.age,
                              sex=None if args.sex is None else _SEX[args.sex])
     summary = translate_file(model=args.model, input=args.input, out=args.out, column=args.column, fs=args.fs,
-                             png=args.png, config=config)
+                             png=args.png, config=config, calibration=args.calibration)
     print(json.dumps(summary))
     return 0
 

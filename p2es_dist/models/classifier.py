@@ -1,4 +1,5 @@
-"""`classifier`: the fixed 12-lead diagnostic classifier behind the `diagnostic` metrics (SPEC section 5).
+"""`classifier`: the fixed 12-lead diagnostic classifier behind the `diagnostic` metrics
+(`p2es_dist/evaluate/diagnostic.py`).
 
 A compact 1-D ResNet: a strided stem, one or more residual basic blocks per stage (the first of each
 stage halves the length), global average and max pooling, and a linear head to one logit per label of

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from p2es_dist.constants import LEADS, N_LEADS, WINDOW
-from p2es_dist.models.base import Batch, TranslationModel
+from p2es_dist.models.base import Batch, GenerationOptions, TranslationModel
 from p2es_dist.models.common import masked_mse, ppg_input, regression_target_mask
 from p2es_dist.models.registry import register
 
@@ -85,8 +85,8 @@ class DCTRegression(TranslationModel):
         return mse, {"mse": mse.detach(), "n_pairs": mask.sum().detach()}
 
     @torch.no_grad()
-    def generate(self, batch: Batch, *, seed: int = 0) -> Tensor:
-        return self(batch)  # deterministic: the seed has nothing to act on
+    def generate(self, batch: Batch, options: GenerationOptions | None = None) -> Tensor:
+        return self(batch)  # deterministic: `options` (the seed too) has nothing to act on
 
     @torch.no_grad()
     def fit_closed_form(self, batches: Iterable[Batch], *, ridge: float | None = None) -> dict[str, int]:

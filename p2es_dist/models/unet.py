@@ -7,6 +7,14 @@ residual block again. Demographics and the input-presence flags (PPG present? wh
 form one vector that every residual block adds as a per-channel bias, as diffusion U-Nets add their
 timestep embedding. The output is a 1x1 convolution to 12 leads, zero-initialised so training starts
 from the zero prediction.
+
+With `use_template`, the patient's calibration template (already aligned with the ECG to predict) is 12
+more input channels and which leads it has 12 more presence flags in the condition vector; training
+hides it in a `template_dropout` fraction of windows. Leads given as input (`cond_leads`) are no target.
+
+PPG receptive field: every level's two convolutions reach 2 * (kernel_size // 2) samples at its own
+resolution, 2^level input samples each, so the coarse levels see far: +-194 samples (1.6 s at 125 Hz)
+for the defaults, enough for the ~0.56 s from a QRS to its pulse (issue 13).
 """
 
 from __future__ import annotations
@@ -17,13 +25,21 @@ import torch
 from torch import Tensor, nn
 
 from p2es_dist.constants import N_LEADS
-from p2es_dist.models.base import Batch, TranslationModel
-from p2es_dist.models.common import ConditionVector, masked_mse, regression_target_mask, signal_input
+from p2es_dist.models.base import Batch, GenerationOptions, TranslationModel, hide_templates, template_input
+from p2es_dist.models.common import (
+    ConditionVector,
+    masked_mse,
+    regression_target_mask,
+    signal_channels,
+    signal_input,
+)
 from p2es_dist.models.registry import register
 
 
 @dataclass
 class UNetConfig:
+    # PPG receptive field with these defaults: +-194 samples (1.6 s) around each output sample (measured,
+    # tests/test_receptive_field.py; strided levels make it 195 before and 194 after).
     channels: tuple[int, ...] = (32, 64, 128, 256)  # per level, finest first; the last is the bottleneck
     kernel_size: int = 9  # odd, so "same" padding keeps lengths
     groups: int = 8  # GroupNorm groups; must divide every channel count
@@ -31,8 +47,15 @@ class UNetConfig:
     use_demographics: bool = True  # age and sex in the condition vector
     condition_dim: int = 64
     dropout: float = 0.0
+    # The patient's calibration template (batch keys `template`, `template_mask`) as 12 more input
+    # channels; off keeps configs and checkpoints from before it unchanged (its keys are never read).
+    use_template: bool = False
+    template_dropout: float = 0.5  # training: fraction of windows whose template is hidden (zero-shot)
+    template_residual: bool = True  # with use_template: output = template + the network's correction
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.template_dropout <= 1.0:
+            raise ValueError(f"template_dropout must be in [0, 1], got {self.template_dropout}")
         if len(self.channels) < 2:
             raise ValueError("channels needs at least two levels")
         if self.kernel_size % 2 == 0:
@@ -71,8 +94,9 @@ class UNet1d(TranslationModel):
         super().__init__()
         self.config = config
         widths = config.channels
-        in_channels = 1 + (N_LEADS if config.condition_on_leads else 0)
-        self.condition = ConditionVector(dim=config.condition_dim, use_demographics=config.use_demographics)
+        in_channels = signal_channels(with_leads=config.condition_on_leads, with_template=config.use_template)
+        self.condition = ConditionVector(dim=config.condition_dim, use_demographics=config.use_demographics,
+                                         use_template=config.use_template)
         self.stem = nn.Conv1d(in_channels, widths[0], config.kernel_size, padding=config.kernel_size // 2)
         self.down_blocks = nn.ModuleList()
         self.downsample = nn.ModuleList()
@@ -91,7 +115,7 @@ class UNet1d(TranslationModel):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, batch: Batch) -> Tensor:
-        x = signal_input(batch, with_leads=self.config.condition_on_leads)
+        x = signal_input(batch, with_leads=self.config.condition_on_leads, with_template=self.config.use_template)
         factor = 2 ** (len(self.config.channels) - 1)
         if x.shape[-1] % factor:
             raise ValueError(f"unet: input length {x.shape[-1]} must be a multiple of {factor}")
@@ -105,13 +129,20 @@ class UNet1d(TranslationModel):
         h = self.middle(h, condition)
         for up, block in zip(self.upsample, self.up_blocks, strict=True):
             h = block(torch.cat([up(h), skips.pop()], dim=1), condition)
-        return self.head(nn.functional.silu(self.head_norm(h)))
+        out = self.head(nn.functional.silu(self.head_norm(h)))
+        if self.config.use_template and self.config.template_residual:
+            # The head starts at zero: an untrained model answers with the patient's template.
+            out = out + template_input(batch).to(out.dtype)
+        return out
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        mask = regression_target_mask(batch, with_leads=self.config.condition_on_leads)
+        if self.config.use_template and self.training:
+            batch = hide_templates(batch, self.config.template_dropout)
+        mask = regression_target_mask(batch, with_leads=self.config.condition_on_leads,
+                                      with_template=self.config.use_template)
         mse = masked_mse(self(batch), batch["ecg"], mask)
         return mse, {"mse": mse.detach(), "n_pairs": mask.sum().detach()}
 
     @torch.no_grad()
-    def generate(self, batch: Batch, *, seed: int = 0) -> Tensor:
-        return self(batch)  # deterministic regressor (dropout is off in eval mode)
+    def generate(self, batch: Batch, options: GenerationOptions | None = None) -> Tensor:
+        return self(batch)  # deterministic regressor (dropout is off in eval mode): `options` is unused

@@ -1,6 +1,7 @@
 """The embedded object store: a real S3 server (SeaweedFS `weed mini`) on 127.0.0.1 for local runs and tests.
 
-`p2es objectstore start|stop|status [--dir DIR]` (SPEC section 2). Everything lives in one state directory:
+`p2es objectstore start|stop|status [--dir DIR]` (README "The embedded object store"). Everything lives in one
+state directory:
 
     s3.json       the S3 identities config with the generated access key and secret (mode 0600)
     ports.json    the ports last used, reused on restart so the endpoint stays put
@@ -394,6 +395,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from p2es_dist.cli import run_main
+    from p2es_dist.errors import run_main
 
     sys.exit(run_main(main, sys.argv[1:], prog="p2es objectstore"))

@@ -15,6 +15,12 @@ from p2es_dist.config import from_dict, section
 from p2es_dist.data.loader import LoaderConfig
 from p2es_dist.errors import ConfigError
 
+# What training selects checkpoints by, and Tune searches on by default: the validation reconstruction
+# error (P2Es' x0 MSE, a regressor's MSE), not the total loss, which for P2Es is mostly its contrastive
+# term. `loop._validate` reports it under this name for every model.
+SELECTION_METRIC = "val_x0_mse"
+SELECTION_MODE = "min"
+
 
 @dataclass
 class DeepSpeedSection:

@@ -24,7 +24,12 @@ from typing import Any
 import torch
 
 from p2es_dist.storage import uri as uri_lib
+from p2es_dist.train.config import SELECTION_METRIC
 from p2es_dist.train.engine import CHECKPOINT_TAG, build_engine, use_bf16
+
+# The loss part that is a model's reconstruction error, by preference: P2Es' x0 prediction, the
+# regressors' (and student's) MSE, the foundation encoder's masked-patch reconstruction.
+RECONSTRUCTION_PARTS = ("x0_mse", "mse", "recon")
 
 
 def _batches(shard, job, *, training: bool) -> Iterator[dict[str, torch.Tensor]]:
@@ -49,7 +54,11 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 def _validate(engine, job, device: torch.device) -> dict[str, float]:
-    """Mean loss (and its parts) over the val shard, summed across ranks. Seeded: the same every time."""
+    """Mean loss (and its parts) over the val shard, summed across ranks. Seeded: the same every time.
+
+    Also `SELECTION_METRIC` (`val_x0_mse`), what checkpoints and Tune trials are ranked by: the first of
+    `RECONSTRUCTION_PARTS` the model reports; a model without one (the classifier) reports its loss.
+    """
     import ray.train
 
     shard = ray.train.get_dataset_shard("val")
@@ -77,8 +86,11 @@ def _validate(engine, job, device: torch.device) -> dict[str, float]:
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(summed)
     if summed[-1] == 0:
-        return {"val_loss": float("nan")}
-    return {key: float(summed[i] / summed[-1]) for i, key in enumerate(keys)}
+        return {"val_loss": float("nan"), SELECTION_METRIC: float("nan")}
+    metrics = {key: float(summed[i] / summed[-1]) for i, key in enumerate(keys)}
+    reconstruction = [f"val_{part}" for part in RECONSTRUCTION_PARTS if f"val_{part}" in metrics]
+    metrics[SELECTION_METRIC] = metrics[reconstruction[0] if reconstruction else "val_loss"]
+    return metrics
 
 
 def _record_attempt(run_uri: str, rank: int) -> int:
@@ -155,8 +167,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"step {step}/{job.train.max_steps} loss {float(loss):.4f} lr {engine.get_lr()[0]:.2e}", flush=True)
             last_log = time.perf_counter()
 
-        evaluate = step % job.train.eval_every == 0 or step == job.train.max_steps
         save = step % job.train.checkpoint_every == 0 or step == job.train.max_steps
+        # Every checkpoint carries its validation numbers: checkpoints are kept and selected by them.
+        evaluate = step % job.train.eval_every == 0 or save
         if not (evaluate or save):
             continue
         metrics = {"step": step, "train_loss": float(loss), "restored_from_step": restored_from,

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 from p2es_dist.errors import UserError
 from p2es_dist.storage import uri as uri_lib
-from p2es_dist.train.config import JobConfig, parse_job_config
+from p2es_dist.train.config import SELECTION_METRIC, SELECTION_MODE, JobConfig, parse_job_config
 
 log = logging.getLogger("p2es.train")
 
@@ -53,7 +53,10 @@ def build_torch_trainer(config: dict[str, Any], *, run_config=None, name: str | 
         run_config = ray.train.RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=job.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
+            # Keep the best checkpoints by validation reconstruction error (Train also keeps the latest).
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.train.keep_checkpoints,
+                                                         checkpoint_score_attribute=SELECTION_METRIC,
+                                                         checkpoint_score_order=SELECTION_MODE),
         )
     run_uri = uri_lib.join(job.train.storage_path, run_config.name or name)
     resources = {"CPU": job.train.cpus_per_worker}
@@ -78,24 +81,38 @@ def checkpoint_uri(job: JobConfig, checkpoint) -> str:
 
 
 def export_weights(job: JobConfig, checkpoint) -> str:
-    """Consolidated fp32 safetensors (+ the model config) of a DeepSpeed checkpoint, written beside it."""
-    from safetensors.torch import save_file
-
+    """Consolidated fp32 safetensors (+ the model config) of a DeepSpeed checkpoint, written beside it
+    by `models.checkpoint.save_checkpoint`; returns the weights' URI."""
+    from p2es_dist.models.checkpoint import save_checkpoint
     from p2es_dist.train.engine import consolidated_state_dict
 
-    target = checkpoint_uri(job, checkpoint)
     with checkpoint.as_directory() as folder:
         state = consolidated_state_dict(folder, job.train.deepspeed.zero_stage)
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / "model.safetensors"
-        save_file(state, str(path), metadata={"model": json.dumps(job.model), "format": "p2es-dist"})
-        uri_lib.write_bytes_atomic(uri_lib.join(target, "model.safetensors"), path.read_bytes())
-    uri_lib.write_text_atomic(uri_lib.join(target, "model.json"), json.dumps(job.model, indent=2))
-    return uri_lib.join(target, "model.safetensors")
+    return save_checkpoint(state, job.model, checkpoint_uri(job, checkpoint))
+
+
+def select_checkpoint(best_checkpoints: list[tuple[Any, dict[str, Any]]] | None, latest: Any,
+                      latest_metrics: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
+    """(checkpoint, its metrics) with the best `SELECTION_METRIC` among those Ray Train kept (the later
+    one on a tie); the latest when none reported a finite value."""
+    candidates = [(index, checkpoint, metrics) for index, (checkpoint, metrics) in enumerate(best_checkpoints or [])
+                  if isinstance(metrics.get(SELECTION_METRIC), (int, float))
+                  and math.isfinite(metrics[SELECTION_METRIC])]
+    if not candidates:
+        return latest, dict(latest_metrics or {})
+    sign = 1.0 if SELECTION_MODE == "min" else -1.0
+    _, checkpoint, metrics = min(candidates, key=lambda c: (sign * c[2][SELECTION_METRIC],
+                                                              -c[2].get("step", 0), -c[0]))
+    return checkpoint, dict(metrics)
 
 
 def run_training(config: dict[str, Any], *, out: str | None = None) -> dict[str, Any]:
-    """Fit, consolidate, summarise. Raises UserError when training fails for good."""
+    """Fit, consolidate, summarise. Raises UserError when training fails for good.
+
+    The summary's `checkpoint` (and `weights`) is the kept checkpoint with the lowest validation
+    reconstruction error (`SELECTION_METRIC`), not necessarily the last; `steps` and `val` are the last
+    report's, `selected` says which step was chosen and why.
+    """
     job = parse_job_config(config)
     name = run_name(job)
     trainer = build_torch_trainer(config, name=name)
@@ -108,10 +125,13 @@ def run_training(config: dict[str, Any], *, out: str | None = None) -> dict[str,
         raise UserError(f"training finished without a checkpoint (train.max_steps={job.train.max_steps})")
     metrics = dict(result.metrics or {})
     attempts = len(uri_lib.ls(uri_lib.join(run_uri, "attempts"), suffix=".json", missing_ok=True))
+    selected, selected_metrics = select_checkpoint(result.best_checkpoints, result.checkpoint, metrics)
     summary = {
         "run": run_uri,
-        "checkpoint": checkpoint_uri(job, result.checkpoint),
-        "weights": export_weights(job, result.checkpoint),
+        "checkpoint": checkpoint_uri(job, selected),
+        "weights": export_weights(job, selected),
+        "selected": {"metric": SELECTION_METRIC, "mode": SELECTION_MODE,
+                     "step": int(selected_metrics.get("step", 0)), "value": selected_metrics.get(SELECTION_METRIC)},
         "model": job.model["name"],
         "steps": int(metrics.get("step", 0)),
         "restored_from_step": metrics.get("restored_from_step"),

@@ -21,7 +21,6 @@ header comments say so.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +29,13 @@ import numpy as np
 import torch
 
 from p2es_dist.constants import FS, LABELS, N_LEADS, WINDOW
+from p2es_dist.data import timing
+from p2es_dist.data.calibration import CalibrationProfile
 from p2es_dist.data.normalize import ppg_to_model_space
 from p2es_dist.data.preprocess import PreprocessConfig, bandpass, resample
 from p2es_dist.errors import UserError
-from p2es_dist.export.loading import LoadedModel
+from p2es_dist.models.base import GenerationOptions, TranslationModel
+from p2es_dist.models.checkpoint import LoadedModel
 from p2es_dist.translate.io import PPGSignal
 from p2es_dist.translate.stitch import cut_windows, overlap_add, window_starts
 
@@ -111,22 +113,31 @@ def make_batch(ppg_windows: np.ndarray, *, age: float | None, sex: int) -> dict[
     }
 
 
-def generation_kwargs(model: torch.nn.Module, metadata: dict[str, Any]) -> dict[str, Any]:
-    """The bundle's generation settings (sampler, steps, n_samples) that this model's generate takes."""
-    accepted = inspect.signature(model.generate).parameters
+def stated_generation(model: TranslationModel, metadata: dict[str, Any]) -> dict[str, Any]:
+    """The bundle's generation settings (sampler, steps, n_samples) a stochastic model uses; {} otherwise.
+
+    The bundle's seed is not among them: `--seed` (TranslateConfig.seed) sets it.
+    """
     stated = metadata.get("generation") or {}
-    return {key: stated[key] for key in ("sampler", "steps", "n_samples") if key in stated and key in accepted}
+    return {key: stated[key] for key in ("sampler", "steps", "n_samples") if key in stated} if model.stochastic else {}
 
 
 def generate_windows(loaded: LoadedModel, ppg_windows: np.ndarray, *, config: TranslateConfig, age: float | None,
-                     sex: int) -> np.ndarray:
-    """(k, L) model-space PPG -> (k, 12, L) model-space ECG, `config.batch_size` windows at a time."""
-    extra = generation_kwargs(loaded.model, loaded.metadata)
+                     sex: int, templates: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """(k, L) model-space PPG -> (k, 12, L) model-space ECG, `config.batch_size` windows at a time.
+
+    `templates`: the calibration's (k, 12, L) model-space templates and (12,) lead mask, or None.
+    """
+    options = GenerationOptions.from_settings(stated_generation(loaded.model, loaded.metadata))
     outputs = []
     for number, first in enumerate(range(0, len(ppg_windows), config.batch_size)):
         batch = make_batch(ppg_windows[first:first + config.batch_size], age=age, sex=sex)
+        if templates is not None:
+            chunk = templates[0][first:first + config.batch_size]
+            batch["template"] = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
+            batch["template_mask"] = torch.from_numpy(np.repeat(templates[1][None], len(chunk), axis=0))
         # One seed per batch: the same input, seed and batch size give the same record.
-        generated = loaded.model.generate(batch, seed=config.seed + number, **extra)
+        generated = loaded.model.generate(batch, options.with_seed(config.seed + number))
         outputs.append(generated.detach().float().cpu().numpy())
     return np.concatenate(outputs)
 
@@ -137,11 +148,25 @@ def ecg_scale(config: TranslateConfig, metadata: dict[str, Any]) -> float:
     return float(metadata.get("preprocessing", {}).get("ecg_scale_mv", DEFAULT_ECG_SCALE_MV))
 
 
-def translate_signal(loaded: LoadedModel, signal: PPGSignal, *,
-                     config: TranslateConfig) -> tuple[np.ndarray, dict[str, Any]]:
-    """A PPG signal -> ((12, n) ECG in mV at 125 Hz, a summary of how it was made)."""
-    from p2es_dist.models.base import TranslationModel
+def calibration_templates(profile: CalibrationProfile, ppg: np.ndarray,
+                          starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The profile's template for the whole conditioned PPG, cut into model-space windows, and its mask.
 
+    Rendered once over the whole signal, as ingest does, so beats whose pulse lies past a window's end
+    still reach into it.
+    """
+    full, mask = profile.template(timing.ppg_upstrokes(ppg), len(ppg))
+    windows = np.stack([full[:, start:start + WINDOW] for start in starts])
+    return timing.normalise_template(windows, np.broadcast_to(mask, (len(starts), N_LEADS))), mask
+
+
+def translate_signal(loaded: LoadedModel, signal: PPGSignal, *, config: TranslateConfig,
+                     calibration: CalibrationProfile | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """A PPG signal -> ((12, n) ECG in mV at 125 Hz, a summary of how it was made).
+
+    With a `calibration` profile, models that take a template (`use_template`) get the patient's, and
+    amplitudes follow the patient's beat (one model unit = the largest |mean beat| over its leads).
+    """
     if not isinstance(loaded.model, TranslationModel):
         raise UserError(f"--model {loaded.uri}: model {loaded.name!r} does not translate PPG to ECG "
                         "(expected a teacher, student or baseline)")
@@ -152,13 +177,19 @@ def translate_signal(loaded: LoadedModel, signal: PPGSignal, *,
     windows = ppg_to_model_space(cut_windows(ppg, starts, WINDOW))
     age = config.age if config.age is not None else signal.age
     sex = config.sex if config.sex is not None else signal.sex
+    templates = None if calibration is None else calibration_templates(calibration, ppg, starts)
     with torch.inference_mode():
-        generated = generate_windows(loaded, windows, config=config, age=age, sex=sex)
+        generated = generate_windows(loaded, windows, config=config, age=age, sex=sex, templates=templates)
     scale = ecg_scale(config, loaded.metadata)
+    if calibration is not None and config.ecg_scale_mv is None and calibration.units == "mV":
+        scale = max(float(np.abs(beat).max()) for beat in calibration.beat.values())
     ecg_mv = overlap_add(generated, starts, len(ppg)) * scale
     info = {**asdict(config), "n_samples": len(ppg), "duration_s": len(ppg) / FS, "n_windows": len(starts),
             "ecg_scale_mv": scale, "input_fs": signal.fs, "channel": signal.channel, "age": age, "sex": sex,
-            "generation": generation_kwargs(loaded.model, loaded.metadata)}
+            "generation": stated_generation(loaded.model, loaded.metadata),
+            "calibration": None if calibration is None else {
+                "pat_s": calibration.pat_s, "leads": sorted(calibration.beat), "source": calibration.source,
+                "template_used": bool(getattr(getattr(loaded.model, "config", None), "use_template", False))}}
     return ecg_mv, info
 
 
@@ -171,37 +202,114 @@ def header_comments(loaded: LoadedModel, signal: PPGSignal, info: dict[str, Any]
         f"Input: {Path(signal.source).name} channel {signal.channel} at {signal.fs:g} Hz, "
         f"{len(signal.values)} samples",
         f"Model: {loaded.name} ({loaded.kind}, weights sha256 {loaded.digest[:16]})",
-        f"Amplitude: NOT calibrated; model space has no absolute scale, 1 model unit written as "
-        f"{info['ecg_scale_mv']:g} mV by convention",
+        (f"Calibration: {info['calibration']['source']}, PAT {info['calibration']['pat_s'] * 1000:.0f} ms; 1 model "
+         f"unit written as {info['ecg_scale_mv']:g} mV, the calibration beat's peak"
+         if info.get("calibration") else
+         f"Amplitude: NOT calibrated; model space has no absolute scale, 1 model unit written as "
+         f"{info['ecg_scale_mv']:g} mV by convention"),
         f"Windows: {WINDOW} samples at {FS} Hz, hop {info['hop']}, Hann overlap-add; seed {info['seed']}",
         *([f"Age: {info['age']:g}"] if info["age"] is not None else []),
         *([f"Sex: {sex}"] if sex else []),
     ]
 
 
-def plot_png(path: str | Path, ecg_mv: np.ndarray, *, title: str) -> Path:
-    """The first 10 s as a 12-lead printout (evaluate.figures.plot_twelve_lead)."""
+def plot_png(path: str | Path, ecg_mv: np.ndarray, *, title: str, start_s: float = 0.0,
+             recorded: dict[str, np.ndarray] | None = None) -> Path:
+    """10 s from `start_s` as a 12-lead printout (evaluate.figures.plot_twelve_lead); leads the input
+    also recorded (`recorded`: lead -> 125 Hz signal) are drawn under the generated ones."""
     try:
         from p2es_dist.evaluate.figures import plot_twelve_lead
     except ImportError as exc:
         raise UserError(f"--png: plotting is not available in this installation ({exc})") from None
-    span = ecg_mv[:, : int(PNG_SECONDS * FS)]
-    return Path(plot_twelve_lead(path, traces={"generated": span}, fs=float(FS), title=title))
+    first = min(int(round(start_s * FS)), max(0, ecg_mv.shape[1] - int(PNG_SECONDS * FS)))
+    span = slice(first, first + int(PNG_SECONDS * FS))
+    traces = {"generated": ecg_mv[:, span]}
+    if recorded:
+        from p2es_dist.constants import LEAD_INDEX
+
+        reference = np.zeros_like(ecg_mv[:, span])
+        mask = np.zeros(N_LEADS, dtype=bool)
+        for lead, values in recorded.items():
+            part = values[span]
+            reference[LEAD_INDEX[lead], : len(part)] = part
+            mask[LEAD_INDEX[lead]] = True
+        traces = {"recorded": reference, "generated": ecg_mv[:, span]}
+        return Path(plot_twelve_lead(path, traces=traces, fs=float(FS), lead_mask=mask,
+                                     title=f"{title}, {first / FS:.0f}-{first / FS + PNG_SECONDS:.0f} s"))
+    return Path(plot_twelve_lead(path, traces=traces, fs=float(FS),
+                                 title=f"{title}, {first / FS:.0f}-{first / FS + PNG_SECONDS:.0f} s"))
+
+
+def recorded_leads(input: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+    """The ECG leads the input records too, preprocessed as ingest does (125 Hz), with validity; or None."""
+    from p2es_dist.translate.calibrate import conditioned, read_paired
+
+    try:
+        paired = read_paired(input)
+    except UserError:
+        return None
+    leads, valid, _, _ = conditioned(paired, PreprocessConfig())
+    return leads, valid
+
+
+def calibration_end_s(calibration: CalibrationProfile | None, input: str) -> float | None:
+    """Where the calibration segment ends when the profile was measured on this same input file."""
+    if calibration is None or not calibration.source:
+        return None
+    if Path(calibration.source).resolve() != Path(input).resolve():
+        return None
+    return float(calibration.extra.get("end_s", calibration.seconds))
+
+
+def recorded_agreement(recorded: tuple[dict, dict] | None, ecg_mv: np.ndarray, *, from_s: float | None) -> dict | None:
+    """When the input also records lead II: Pearson of the generated lead II with it, per 1024-sample window
+    (hop 512), from `from_s` (the end of the calibration segment when it came from this file) on."""
+    from p2es_dist.evaluate.metrics import pointwise_errors
+
+    if recorded is None or "II" not in recorded[0]:
+        return None
+    recorded_ii, ok = recorded[0]["II"], recorded[1]["II"]
+    same_file = from_s is not None
+    first = int(round(from_s * FS)) if same_file else 0
+    n = min(len(recorded_ii), ecg_mv.shape[1])
+    starts = [s for s in range(first, n - WINDOW + 1, WINDOW // 2) if ok[s:s + WINDOW].all()]
+    if not starts:
+        return None
+    target = np.stack([recorded_ii[s:s + WINDOW] for s in starts])[:, None]
+    generated = np.stack([ecg_mv[1, s:s + WINDOW] for s in starts])[:, None]
+    errors = pointwise_errors(target, generated, np.ones((len(starts), 1), dtype=bool))
+    return {"lead": "II", "n_windows": len(starts), "from_s": first / FS,
+            "scored": "after the calibration segment" if same_file else "the whole record",
+            "pearson": float(np.nanmean(errors["pearson"])), "pearson_lag": float(np.nanmean(errors["pearson_lag"])),
+            "lag_ms_median": float(np.nanmedian(errors["lag_ms"]))}
 
 
 def translate_file(*, model: str, input: str, out: str, column: str | None = None, fs: float | None = None,
-                   png: str | None = None, config: TranslateConfig | None = None) -> dict[str, Any]:
-    """`p2es translate` as a function: reads `input`, writes `out`.hea/.dat (and `png`); returns a summary."""
-    from p2es_dist.export.loading import load_model
+                   png: str | None = None, config: TranslateConfig | None = None,
+                   calibration: str | None = None, score_from_s: float | None = None) -> dict[str, Any]:
+    """`p2es translate` as a function: reads `input`, writes `out`.hea/.dat (and `png`); returns a summary.
+
+    `calibration`: a profile written by `p2es calibrate` (data/calibration.py). When the input also
+    records lead II, the summary's `recorded` scores the generated lead II against it from `score_from_s`
+    (default: the end of the calibration segment when the profile came from this file, else 0)."""
+    from p2es_dist.models.checkpoint import load_model
     from p2es_dist.translate.io import read_ppg, write_ecg_record
 
     config = config or TranslateConfig()
     signal = read_ppg(input, column=column, fs=fs)
     loaded = load_model(model)
-    ecg_mv, info = translate_signal(loaded, signal, config=config)
+    profile = None if calibration is None else CalibrationProfile.load(calibration)
+    ecg_mv, info = translate_signal(loaded, signal, config=config, calibration=profile)
     files = write_ecg_record(out, ecg_mv, fs=FS, comments=header_comments(loaded, signal, info))
+    calibrated = info["calibration"] is not None
+    recorded = recorded_leads(input)
+    end_s = calibration_end_s(profile, input) if score_from_s is None else score_from_s
     summary = {"record": str(out), "files": [str(f) for f in files], "fs": FS, "leads": N_LEADS,
-               "units": "mV (uncalibrated, see the header comments)", "model": loaded.name, **info}
+               "units": "mV (scaled to the calibration beat)" if calibrated else
+               "mV (uncalibrated, see the header comments)", "model": loaded.name, **info,
+               "recorded": recorded_agreement(recorded, ecg_mv, from_s=end_s)}
     if png:
-        summary["png"] = str(plot_png(png, ecg_mv, title=f"{Path(input).name} -> {loaded.name} (uncalibrated)"))
+        label = f"calibrated, PAT {profile.pat_s * 1000:.0f} ms" if calibrated else "uncalibrated"
+        summary["png"] = str(plot_png(png, ecg_mv, title=f"{Path(input).name} -> {loaded.name} ({label})",
+                                      start_s=end_s or 0.0, recorded=None if recorded is None else recorded[0]))
     return summary

@@ -3,7 +3,7 @@
     best = run_search("tune_spaces/dilation_depth.yaml", load_config("p2es_bidmc"), out="tune_out")
 
 Each Tune trial is a small *driver* function: it applies its sampled values to a copy of the base config,
-builds the `TorchTrainer` of `p2es train` and runs it. Ray Train workers report `val_loss` every
+builds the `TorchTrainer` of `p2es train` and runs it. Ray Train workers report `val_x0_mse` (and `val_loss`) every
 `train.eval_every` steps; `TuneReportCallback` forwards each report (and the checkpoint's path) to Tune,
 where ASHA decides whether the trial goes on. Stopping a trial ends its driver, and with it the Train
 controller and workers it owns; the search then removes the Train run's placement group (see

@@ -3,7 +3,7 @@
     tune:                          # how to search (every key optional)
       num_samples: 8
       max_concurrent_trials: 2
-      metric: val_loss             # reported by the trainer on the `val` split
+      metric: val_x0_mse           # reported by the trainer on the `val` split (train.config.SELECTION_METRIC)
       mode: min
       scheduler: asha              # asha | fifo
       grace_period: 1              # ASHA, in reported iterations (one per `train.eval_every` steps)
@@ -42,7 +42,9 @@ SETTINGS_KEY = "tune"
 class TuneSettings:
     num_samples: int = 1  # samples of the space; with `grid` keys, repeats of the whole grid
     max_concurrent_trials: int | None = None  # None: as many as leave a CPU to the data pipeline
-    metric: str = "val_loss"
+    # The validation reconstruction error, which `p2es train` also selects checkpoints by
+    # (`train.config.SELECTION_METRIC`); `val_loss` would rank P2Es mostly by its contrastive term.
+    metric: str = "val_x0_mse"
     mode: Literal["min", "max"] = "min"
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int = 1  # ASHA never stops a trial before this many reports

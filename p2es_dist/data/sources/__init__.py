@@ -20,6 +20,7 @@ READERS = {
     "ptbxl": "ptbxl",
     "ludb": "ludb",
     "cinc": "cinc",
+    "cinc2015": "cinc2015",
     "mimic3wdb": "mimic3wdb",
     "code15": "code15",
 }
@@ -28,7 +29,8 @@ SOURCES = (*READERS, "synthetic")
 # Records per ingest task, so that a task fills shards of useful size: 10-s ECG corpora give one
 # window per record, long paired recordings give a hundred. Fixed per source (never derived from the
 # cluster size), so a resumed ingest finds the same task boundaries.
-RECORDS_PER_TASK = {"bidmc": 8, "wfdb": 4, "mimic3wdb": 8, "ptbxl": 256, "ludb": 256, "cinc": 256, "code15": 1024}
+RECORDS_PER_TASK = {"bidmc": 8, "wfdb": 4, "mimic3wdb": 8, "ptbxl": 256, "ludb": 256, "cinc": 256, "code15": 1024,
+                    "cinc2015": 8}
 
 
 def reader(source: str) -> ModuleType:

@@ -4,7 +4,9 @@ Layout: `bidmc_NN_Signals.csv[.gz]` beside `bidmc_NN_Fix.txt`. Column names carr
 their order differs between records, so signals are picked by name. The dataset rescaled every signal
 to roughly 0-1, so ECG here is not in mV (the manifest says `normalised`). Several records can come
 from one patient: the subject is the MIMIC-II id in the `_Fix.txt`, never the record name. Leads `V`
-and `MCL` are skipped: MIMIC does not say which chest position they were recorded at.
+and `MCL` are skipped: MIMIC does not say which chest position they were recorded at. Each signal
+was rescaled on its own, so II and aVR are in different units: the record says so
+(`leads_scaled_separately`) and preprocessing keeps lead II alone.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ def read_record(root: Path, key: str) -> Record:
         sex=parse_sex(fix.get("Gender")),
         ecg_units=ECG_UNITS,
         ppg_units="normalised",
+        leads_scaled_separately=True,
     )
 
 

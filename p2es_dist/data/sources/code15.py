@@ -10,6 +10,12 @@ end with a padding row of `exam_id` 0, which is skipped.
 patient_id, death, timey, normal_ecg, trace_file. Keys are `<hdf5 path relative to root>/<exam_id>`,
 listed for exams present in both the HDF5 files and `exams.csv`. The subject is `patient_id`; there
 are no official folds, so `split` stays None (ingest hashes the subject).
+
+The same exams converted to WFDB (PhysioNet Challenge 2025's preparation script: `<exam_id>.hea` +
+`.dat`, 400 Hz, 1000 adu/mV, zero padding removed) are read too: when the root holds `*.hea` files,
+keys are their paths without `.hea`. Header comments give `Exam ID`, `Patient ID`, `Age`, `Sex` and
+the challenge's weak `Chagas label`, which is not in the canonical vocabulary (no labels). The subject is
+the patient id as in the HDF5 layout (same string), so a patient lands in the same split either way.
 """
 
 from __future__ import annotations
@@ -25,6 +31,14 @@ import pandas as pd
 from p2es_dist.constants import LEADS, SEX_FEMALE, SEX_MALE, SEX_UNKNOWN
 from p2es_dist.data.labels import labels_from_code15
 from p2es_dist.data.record import Record, RecordError
+from p2es_dist.data.sources.wfdb_common import (
+    comment_fields,
+    list_headers,
+    parse_age,
+    parse_sex,
+    read_wfdb,
+    to_record,
+)
 from p2es_dist.errors import UserError
 
 SOURCE = "code15"
@@ -66,6 +80,9 @@ def list_records(root: Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"--input {root}: not a directory")
+    headers = list_headers(root)
+    if headers:  # the WFDB conversion
+        return [header.relative_to(root).with_suffix("").as_posix() for header in headers]
     exams = load_exams(root)
     known = set(exams.index.astype(np.int64).tolist())
     keys = []
@@ -105,8 +122,26 @@ def _sex(value) -> int:
     return SEX_MALE if bool(value) else SEX_FEMALE
 
 
+def read_wfdb_exam(root: Path, key: str) -> Record:
+    """One exam of the WFDB conversion; demographics and patient from its header comments."""
+    rec = read_wfdb(Path(root) / key)
+    fields = comment_fields(rec.comments or [])
+    patient = fields.get("patient id", "")
+    exam = fields.get("exam id") or PurePosixPath(key).name
+    return to_record(
+        rec,
+        source=SOURCE,
+        key=key,
+        subject_id=str(int(patient)) if patient.isdigit() else f"exam{exam}",  # as the HDF5 layout
+        age=parse_age(fields.get("age")),
+        sex=parse_sex(fields.get("sex")),
+    )
+
+
 def read_record(root: Path, key: str) -> Record:
     root = Path(root)
+    if (root / f"{key}.hea").is_file():
+        return read_wfdb_exam(root, key)
     file_part, _, exam_text = key.rpartition("/")
     path = root / file_part
     if not exam_text.isdigit() or not path.exists():

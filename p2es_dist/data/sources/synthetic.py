@@ -287,7 +287,7 @@ def generate_arrays(config: SyntheticConfig, *, chunk_index: int, chunk_size: in
 
 
 def generate(config: SyntheticConfig, *, chunk_index: int, chunk_size: int) -> pa.Table:
-    """Windows [chunk_index * chunk_size, ...) of the cohort as a shard table (SPEC section 3)."""
+    """Windows [chunk_index * chunk_size, ...) of the cohort as a shard table (`p2es_dist/data/schema.py`)."""
     return table_from_arrays(config, generate_arrays(config, chunk_index=chunk_index, chunk_size=chunk_size))
 
 

@@ -1,10 +1,25 @@
-"""What the reverse network is conditioned on: PPG, any recorded condition leads, age and sex.
+"""What the reverse network is conditioned on: PPG, any recorded condition leads, the patient's
+calibration template (`use_template`), age and sex.
 
 Two outputs per window:
-  `seq` (B, cond_channels, L): time-aligned features (PPG encoder output, condition leads), concatenated
-        with x_t at the network's input, because PPG and ECG beats line up in time;
-  `vec` (B, embed_dim): a global vector (pooled PPG features, which leads are given, age, sex) that the
-        network adds to its timestep embedding and feeds to FiLM in every block.
+  `seq` (B, cond_channels, L): time-aligned features (PPG encoder output, condition leads, template),
+        concatenated with x_t at the network's input, because PPG and ECG beats line up in time;
+  `vec` (B, embed_dim): a global vector (pooled PPG features, which leads are given, which leads the
+        template has, age, sex) that the network adds to its timestep embedding and feeds to FiLM.
+
+PPG timing. A QRS shows in the PPG as an upstroke about 0.56 s (70 samples) later, and that delay (the
+pulse arrival time) differs between patients by some 50 ms, so a model must see well over +-70 samples
+of PPG. The CNN encoder sees 3 * (1 + sum(ppg_dilations)) samples each side (kernel 7); the generator
+adds cascades * (kernel_size // 2) * (2^dilation_depth - 1) (network.py), and P2Es' PPG receptive field
+is the sum. The shipped configs use `ppg_dilations: [1, 4, 16, 32]`, +-162 samples (1.3 s) from the
+encoder alone, whatever the generator's depth, at the cost and size of the old [1, 2, 4, 8] (+-48):
+kernel 7 leaves no gap between dilations four apart. The dataclass default stays [1, 2, 4, 8], so a
+checkpoint whose model.json predates the field keeps its meaning (the default generator, +-765,
+already sees far enough). The template already sits where this patient's QRS are (its
+beats are placed at each upstroke minus their PAT), so it enters like a condition lead does: its 12
+leads and 12 "has this lead" flags through a short convolution (`template_to_seq`), the flags also into
+the vector (`template_to_vec`). An all-false `template_mask` (or a batch without a template) reads as no
+calibration: the template's values then reach nothing.
 
 The PPG encoder is anything that follows `PPGEncoder` and is registered by name with
 `register_ppg_encoder`, so the foundation encoder of a later issue plugs in with `ppg_encoder: <name>`.
@@ -24,6 +39,7 @@ from torch import Tensor, nn
 
 from p2es_dist.constants import N_LEADS, SEX_FEMALE, SEX_MALE
 from p2es_dist.errors import ConfigError
+from p2es_dist.models.base import template_input, template_leads
 
 AGE_BUCKET_YEARS = 10
 N_AGE_BUCKETS = 10  # 0-9, ..., 90+ ; index N_AGE_BUCKETS means unknown
@@ -34,7 +50,17 @@ class ConditioningConfig:
     ppg_encoder: str = "cnn"  # a name registered with `register_ppg_encoder`
     ppg_channels: int = 32  # width of the default CNN encoder
     cond_channels: int = 32  # time-aligned condition features handed to the network
+    # Dilations of the default CNN encoder's residual blocks (kernel 7): it sees 3 * (1 + sum(dilations))
+    # samples of PPG each side: +-48 for these (the encoder of checkpoints from before the field); the
+    # shipped configs set [1, 4, 16, 32], +-162 (1.3 s), for the same parameters and cost (issue 13).
+    ppg_dilations: tuple[int, ...] = (1, 2, 4, 8)
     condition_on_leads: bool = True  # read `cond_leads` (the `--condition` leads) as input
+    # The patient's calibration template (batch keys `template`, `template_mask`) as an input; off keeps
+    # configs and checkpoints from before it unchanged (its keys are then never read).
+    use_template: bool = False
+    template_dropout: float = 0.5  # training only: fraction of windows whose template is hidden (zero-shot)
+    # With use_template: predict a correction to the template instead of the ECG (P2Es: x0 objective only).
+    template_residual: bool = True
     # `ppg_encoder: foundation` (p2es_dist/models/p2es/foundation.py): the pretrained encoder's `model:`
     # section (architecture, kept in every checkpoint), its checkpoint URI (weights, read only when
     # reachable at construction) and whether it stays frozen.
@@ -45,6 +71,10 @@ class ConditioningConfig:
     def __post_init__(self) -> None:
         if self.ppg_channels < 1 or self.cond_channels < 1:
             raise ValueError("ppg_channels and cond_channels must be >= 1")
+        if not self.ppg_dilations or min(self.ppg_dilations) < 1:
+            raise ValueError(f"ppg_dilations must be a non-empty list of dilations >= 1, got {self.ppg_dilations}")
+        if not 0.0 <= self.template_dropout <= 1.0:
+            raise ValueError(f"template_dropout must be in [0, 1], got {self.template_dropout}")
 
 
 @runtime_checkable
@@ -80,7 +110,7 @@ def build_ppg_encoder(config: ConditioningConfig) -> nn.Module:
 
 
 class ConvPPGEncoder(nn.Module):
-    """A small dilated CNN at full resolution (receptive field ~ 1 s, about one pulse)."""
+    """A small dilated CNN at full resolution; it sees 3 * (1 + sum(dilations)) samples each side."""
 
     def __init__(self, *, channels: int, dilations: tuple[int, ...] = (1, 2, 4, 8)) -> None:
         super().__init__()
@@ -105,7 +135,7 @@ class ConvPPGEncoder(nn.Module):
 
 @register_ppg_encoder("cnn")
 def _conv_encoder(config: ConditioningConfig) -> nn.Module:
-    return ConvPPGEncoder(channels=config.ppg_channels)
+    return ConvPPGEncoder(channels=config.ppg_channels, dilations=tuple(config.ppg_dilations))
 
 
 class Context(NamedTuple):
@@ -142,6 +172,11 @@ class Conditioner(nn.Module):
             # lead (flat line given) and an absent lead look different.
             self.leads_to_seq = nn.Conv1d(2 * N_LEADS, config.cond_channels, 7, padding=3)
             self.leads_to_vec = nn.Linear(N_LEADS, embed_dim)
+        self.use_template = config.use_template
+        if self.use_template:
+            # The same layout for the calibration template: its 12 leads, then 12 "has this lead" flags.
+            self.template_to_seq = nn.Conv1d(2 * N_LEADS, config.cond_channels, 7, padding=3)
+            self.template_to_vec = nn.Linear(N_LEADS, embed_dim)
         self.age = nn.Embedding(N_AGE_BUCKETS + 1, embed_dim)
         self.sex = nn.Embedding(3, embed_dim)
 
@@ -163,5 +198,11 @@ class Conditioner(nn.Module):
             flags = given[:, :, None].to(leads.dtype).expand(-1, -1, length)
             seq = seq + self.leads_to_seq(torch.cat([leads, flags], dim=1))
             vec = vec + self.leads_to_vec(given.to(vec.dtype))
+        if self.use_template:
+            has = template_leads(batch)
+            template = template_input(batch).to(seq.dtype)
+            flags = has[:, :, None].to(seq.dtype).expand(-1, -1, length)
+            seq = seq + self.template_to_seq(torch.cat([template, flags], dim=1))
+            vec = vec + self.template_to_vec(has.to(vec.dtype))
         vec = vec + self.age(age_bucket(batch["age"])) + self.sex(sex_index(batch["sex"]))
         return Context(seq=seq, vec=vec)

@@ -3,6 +3,13 @@
 Each component owns its dataclass (schedule, network, conditioning, affinity) next to its code;
 `P2EsConfig` inherits them all, so a field is declared once and each component reads the fields it
 knows from the same object. The defaults build a ~5 M-parameter model (the issue caps it at 10 M).
+
+PPG receptive field (issue 13: the pulse of a QRS arrives ~70 samples later, give or take ~6 between
+patients, so every model must see >= +-125 samples, 1 s, of PPG): the PPG encoder's
+3 * (1 + sum(ppg_dilations)) plus the generator's cascades * (kernel_size // 2) * (2^dilation_depth - 1)
+samples each side of an output sample: +-(48 + 765) = +-813 (more than the 1024-sample window) for
+these defaults, +-224 for `p2es_bidmc.yaml` (162 + 62, its encoder dilated to [1, 4, 16, 32]).
+`tests/test_receptive_field.py` measures it for every shipped config.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ Sampler = Literal["ddim", "ancestral"]
 
 @dataclass(kw_only=True)
 class P2EsConfig(ScheduleConfig, NetworkConfig, ConditioningConfig, AffinityConfig):
+    # PPG receptive field with these defaults: +-(48 + 765) = +-813 samples, beyond the whole window.
     objective: Objective = "x0"  # what the network predicts: the clean ECG, or v (per DCT coefficient)
     lead_physics: bool = True  # generate I, II, V1-V6 and derive III, aVR, aVL, aVF; off: all 12
     cond_lead_prob: float = 0.25  # in training, chance that a window gets a random subset of its leads as input
@@ -36,5 +44,7 @@ class P2EsConfig(ScheduleConfig, NetworkConfig, ConditioningConfig, AffinityConf
             raise ValueError(f"sampler must be 'ddim' or 'ancestral', got {self.sampler!r}")
         if not 1 <= self.sample_steps <= self.timesteps:
             raise ValueError(f"sample_steps must be in [1, timesteps={self.timesteps}], got {self.sample_steps}")
+        if self.use_template and self.template_residual and self.objective != "x0":
+            raise ValueError("template_residual needs objective 'x0' (a correction to x0); set one or the other")
         if not 0.0 <= self.cond_lead_prob <= 1.0:
             raise ValueError(f"cond_lead_prob must be in [0, 1], got {self.cond_lead_prob}")

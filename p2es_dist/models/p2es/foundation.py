@@ -100,7 +100,7 @@ def pretrained_encoder(config: ConditioningConfig) -> Encoder:
         log.warning("model.ppg_encoder_checkpoint %s is not reachable: the foundation encoder starts random "
                     "(fine when loading a trained P2Es checkpoint, which holds its weights)", uri)
         return encoder
-    from p2es_dist.export.loading import load_model
+    from p2es_dist.models.checkpoint import load_model
 
     loaded = load_model(uri)
     if loaded.name != "encoder":

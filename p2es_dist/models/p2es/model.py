@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from p2es_dist.constants import N_LEADS, WINDOW
-from p2es_dist.models.base import Batch, TranslationModel, condition_leads
+from p2es_dist.models.base import (
+    Batch,
+    GenerationOptions,
+    TranslationModel,
+    condition_leads,
+    hide_templates,
+    template_input,
+    template_leads,
+)
 from p2es_dist.models.leads import N_INDEPENDENT, expand_leads, independent_from_recorded
 from p2es_dist.models.p2es.affinity import LeadAffinity
 from p2es_dist.models.p2es.conditioning import Conditioner, Context
@@ -42,7 +51,10 @@ class P2Es(TranslationModel):
     masked out of the loss). The loss is the MSE of x0 (or v) on recorded leads only, after expanding
     the prediction to 12 leads, plus `contrastive_weight` x the affinity embedding's contrastive loss.
     Unless the batch names `cond_leads`, a `cond_lead_prob` fraction of windows gets a random subset of
-    its recorded leads as input, so the same model answers `--condition II`.
+    its recorded leads as input, so the same model answers `--condition II`. Leads a window gets as
+    input are no target: they leave the loss mask (a window whose only recorded lead is given adds 0).
+    With `use_template`, training hides the calibration template of a `template_dropout` fraction of
+    windows, so the same model answers with and without calibration.
 
     Affinity initialisation. Call `init_affinity(batches)` once before training, on some training
     batches (any iterable of Batch dicts; up to `max_windows` windows are read): it warms the
@@ -52,11 +64,13 @@ class P2Es(TranslationModel):
     matrices at the identity and says so. Skipping it is allowed: prototypes stay random and matrices
     the identity until learned.
 
-    Sampling (`generate`). `sampler="ddim"`: deterministic, `steps` (default `sample_steps`, any <= T);
-    `sampler="ancestral"`: the posterior q(x_s | x_t, x0_hat) with fresh noise, all T steps by default.
-    Noise comes from a `torch.Generator` seeded with `seed`, so a call is reproducible; `n_samples`
-    draws are averaged (a point estimate) unless `return_samples=True`.
+    Sampling (`generate(batch, GenerationOptions(...))`). `sampler="ddim"`: deterministic, `steps`
+    (default `sample_steps`, any <= T); `sampler="ancestral"`: the posterior q(x_s | x_t, x0_hat) with
+    fresh noise, all T steps by default. Noise comes from a `torch.Generator` seeded with `seed`, so a
+    call is reproducible; `n_samples` draws are averaged (a point estimate) unless `return_samples=True`.
     """
+
+    stochastic = True
 
     def __init__(self, *, config: P2EsConfig | None = None) -> None:
         super().__init__()
@@ -96,8 +110,23 @@ class P2Es(TranslationModel):
         affinity, embedding = self.affinity(batch)
         return context, affinity, embedding
 
-    def predict(self, x_t: Tensor, t: Tensor, context: Context, affinity: Tensor) -> tuple[Tensor, Tensor]:
-        """Raw network output (x0 or v, per `objective`) and the implied x0, both on the generated leads."""
+    def template_prior(self, batch: Batch) -> Tensor | None:
+        """x0 on the generated leads that the calibration template implies, or None (no residual).
+
+        With `template_residual` the network predicts a correction to the patient's template rather than
+        the ECG itself: its output head starts at zero, so an untrained model already answers with the
+        template, and training can only move it where the data say the template is wrong. Windows
+        without a template get a zero prior.
+        """
+        if not (self.config.use_template and self.config.template_residual):
+            return None
+        return self.clean_state(template_input(batch).float(), template_leads(batch))
+
+    def predict(self, x_t: Tensor, t: Tensor, context: Context, affinity: Tensor,
+                prior: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Raw network output (x0 or v, per `objective`) and the implied x0, both on the generated leads.
+
+        `prior` (x0 objective only): added to the output, which is then a correction to it."""
         output = self.network(
             self.to_12_leads(x_t),
             t,
@@ -109,7 +138,8 @@ class P2Es(TranslationModel):
             to_time=self.schedule.to_time,
         )
         if self.config.objective == "x0":
-            return output, output
+            x0 = output if prior is None else output + prior
+            return x0, x0
         return output, self.schedule.x0_from_v(x_t, output, t)
 
     # --- training ---------------------------------------------------------------------------------
@@ -125,6 +155,8 @@ class P2Es(TranslationModel):
 
     def loss(self, batch: Batch, *, t: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Masked diffusion loss (+ contrastive). `t` (B,) overrides the uniform draw of timesteps."""
+        if self.config.use_template and self.training:
+            batch = hide_templates(batch, self.config.template_dropout)
         ecg, recorded = batch["ecg"].float(), batch["ecg_mask"].bool()
         ecg = torch.where(recorded[:, :, None], ecg, torch.zeros_like(ecg))
         batch_size = len(ecg)
@@ -133,14 +165,16 @@ class P2Es(TranslationModel):
         x0 = self.clean_state(ecg, recorded)
         eps = torch.randn_like(x0)
         x_t = self.schedule.q_sample(x0, t, eps)
-        context, affinity, embedding = self.condition(batch, self.training_condition(batch))
-        output, x0_hat = self.predict(x_t, t, context, affinity)
-        x0_error = masked_mse(self.to_12_leads(x0_hat), ecg, recorded)
+        given = self.training_condition(batch)
+        context, affinity, embedding = self.condition(batch, given)
+        output, x0_hat = self.predict(x_t, t, context, affinity, self.template_prior(batch))
+        scored = recorded & ~given  # a lead given as input is no target: copying it is not translation
+        x0_error = masked_mse(self.to_12_leads(x0_hat), ecg, scored)
         if self.config.objective == "x0":
             diffusion = x0_error
         else:
             target = self.schedule.v_target(ecg, self.to_12_leads(eps), t)
-            diffusion = masked_mse(self.to_12_leads(output), target, recorded)
+            diffusion = masked_mse(self.to_12_leads(output), target, scored)
         parts = {"diffusion": diffusion.detach(), "x0_mse": x0_error.detach()}
         total = diffusion
         if embedding is not None and self.config.contrastive_weight > 0:
@@ -156,27 +190,33 @@ class P2Es(TranslationModel):
         return self.affinity.initialise(batches, seed=seed, max_windows=max_windows)
 
     # --- sampling ---------------------------------------------------------------------------------
+    def generation_options(self, options: GenerationOptions | None = None) -> GenerationOptions:
+        """`options` with the config's defaults: `sampler`, then `sample_steps` (DDIM) or all T (ancestral)."""
+        options = options or GenerationOptions()
+        sampler = options.sampler or self.config.sampler
+        if sampler not in ("ddim", "ancestral"):
+            raise ValueError(f"sampler must be 'ddim' or 'ancestral', got {sampler!r}")
+        if options.n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {options.n_samples}")
+        steps = options.steps
+        if steps is None:
+            steps = self.config.sample_steps if sampler == "ddim" else self.config.timesteps
+        return replace(options, sampler=sampler, steps=steps)
+
     @torch.no_grad()
     def generate(
         self,
         batch: Batch,
+        options: GenerationOptions | None = None,
         *,
-        seed: int = 0,
-        steps: int | None = None,
-        sampler: str | None = None,
-        n_samples: int = 1,
         return_samples: bool = False,
     ) -> Tensor:
         """(B, 12, L) ECG in model space: the mean of `n_samples` draws, or all of them (n, B, 12, L)."""
-        sampler = sampler or self.config.sampler
-        if sampler not in ("ddim", "ancestral"):
-            raise ValueError(f"sampler must be 'ddim' or 'ancestral', got {sampler!r}")
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-        if steps is None:
-            steps = self.config.sample_steps if sampler == "ddim" else self.config.timesteps
+        options = self.generation_options(options)
+        sampler, steps, seed, n_samples = options.sampler, options.steps, options.seed, options.n_samples
         grid = self.schedule.sampling_timesteps(steps)
         context, affinity, _ = self.condition(batch, condition_leads(batch))
+        prior = self.template_prior(batch)
         batch_size, length = batch["ecg_mask"].shape[0], batch["ppg"].shape[-1]
         device = batch["ppg"].device
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -186,7 +226,7 @@ class P2Es(TranslationModel):
             for t_now, t_next in zip(grid[:-1], grid[1:], strict=True):
                 t = torch.full((batch_size,), t_now, device=device, dtype=torch.long)
                 s = torch.full((batch_size,), t_next, device=device, dtype=torch.long)
-                _, x0_hat = self.predict(x, t, context, affinity)
+                _, x0_hat = self.predict(x, t, context, affinity, prior)
                 if t_next == 0:
                     x = x0_hat
                 elif sampler == "ddim":

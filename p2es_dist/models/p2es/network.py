@@ -35,7 +35,9 @@ Transform = Callable[[Tensor], Tensor]  # DCT / IDCT along the last dim (the sch
 class NetworkConfig:
     hidden_channels: int = 128
     embed_dim: int = 256  # timestep / condition embedding that drives FiLM
-    dilation_depth: int = 8  # dilations 1 .. 2^(depth - 1) per cascade
+    # Dilations 1 .. 2^(depth - 1) per cascade: the generator reaches cascades * (kernel_size // 2) *
+    # (2^dilation_depth - 1) samples each side, +-765 for these defaults; the PPG encoder adds its own.
+    dilation_depth: int = 8
     cascades: int = 3
     kernel_size: int = 3
     lead_features: int = 8  # features per lead in the lead-mixing blocks

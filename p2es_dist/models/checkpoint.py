@@ -1,4 +1,4 @@
-"""Load any model this project writes, by URI, without unpickling anything.
+"""Checkpoints and bundles' weights: the one writer and the one reader of the format, and `load_model`.
 
     from p2es_dist import load_pretrained
     model = load_pretrained("bundles/p2es-student")          # a published bundle (sums verified)
@@ -6,26 +6,32 @@
     loaded = load_model("s3://p2es/runs/p2es-.../step-00001000")  # a training checkpoint
     loaded.model, loaded.model_config, loaded.digest
 
+    save_checkpoint(model, {"name": "student", ...}, "runs/x/pruned")   # model.safetensors + model.json
+
 Two layouts are understood:
 
 - **checkpoint** (what `p2es train`, `pretrain` and `distill` leave beside each final DeepSpeed
-  checkpoint): `model.safetensors` (consolidated fp32) + `model.json` (the config's `model:` section).
-  A job's `--out` folder or its `result.json` also work: their `checkpoint` field is followed.
-- **bundle** (`p2es export`, SPEC section 6): `model.safetensors`, `config.json` (`model` section plus
-  preprocessing), `SHA256SUMS`. Every file the sums list is checked before anything is read.
+  checkpoint, all through `save_checkpoint`): `model.safetensors` (fp32) + `model.json` (the config's
+  `model:` section). A job's `--out` folder or its `result.json` also work: their `checkpoint` field is
+  followed.
+- **bundle** (`p2es export`, `p2es_dist/export/bundle.py`; README "Distillation, bundles, translation"):
+  `model.safetensors` (`encode_weights`), `config.json` (`model` section plus preprocessing),
+  `SHA256SUMS` (`format_sums`). Every file the sums list is checked before anything is read.
 
-Weights are safetensors and configs JSON, so loading never runs code from the files.
+Weights are safetensors and configs JSON, so loading never runs code from the files. `read_weights` is
+the only place safetensors are decoded, `encode_weights` the only place they are encoded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from p2es_dist.errors import UserError
 from p2es_dist.storage import uri as uri_lib
@@ -35,6 +41,7 @@ CHECKPOINT_CONFIG = "model.json"
 BUNDLE_CONFIG = "config.json"
 SUMS = "SHA256SUMS"
 BUNDLE_FORMAT = "p2es-dist-bundle"
+WEIGHTS_FORMAT = "p2es-dist"  # safetensors header `format` of a checkpoint's weights (a bundle's: BUNDLE_FORMAT)
 
 
 @dataclass
@@ -53,6 +60,53 @@ class LoadedModel:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# --- writing ------------------------------------------------------------------------------------------
+def encode_weights(weights: nn.Module | Mapping[str, Tensor], model_section: Mapping[str, Any], *,
+                   format: str = WEIGHTS_FORMAT) -> bytes:
+    """A module's state dict (or a state dict) as safetensors bytes: floating tensors in fp32, contiguous,
+    on CPU; the header metadata holds `format` and the `model:` section as JSON."""
+    from safetensors.torch import save
+
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    tensors = {name: (t.detach().float() if t.is_floating_point() else t.detach()).contiguous().cpu()
+               for name, t in state.items()}
+    return save(tensors, metadata={"format": format, "model": json.dumps(dict(model_section))})
+
+
+def save_checkpoint(weights: nn.Module | Mapping[str, Tensor], model_section: Mapping[str, Any],
+                    folder: str | Path) -> str:
+    """`model.safetensors` + `model.json` in `folder` (a path or URI), the layout `load_model` reads.
+
+    Each file is written atomically, weights first. Returns the weights' URI.
+    """
+    folder = str(folder)
+    weights_uri = uri_lib.join(folder, WEIGHTS)
+    with uri_lib.storage_errors(folder):
+        uri_lib.write_bytes_atomic(weights_uri, encode_weights(weights, model_section))
+        uri_lib.write_text_atomic(uri_lib.join(folder, CHECKPOINT_CONFIG), json.dumps(dict(model_section), indent=2))
+    return weights_uri
+
+
+def format_sums(files: Mapping[str, bytes]) -> str:
+    """`SHA256SUMS` text for `files` ({name: bytes}), sorted by name; `read_sums` reads it back."""
+    return "".join(f"{sha256_bytes(data)}  {name}\n" for name, data in sorted(files.items()))
+
+
+# --- reading ------------------------------------------------------------------------------------------
+def read_weights(source: str | bytes, *, where: str | None = None) -> dict[str, Tensor]:
+    """A safetensors file (URI) or its bytes -> state dict; an unreadable file is a UserError naming `where`."""
+    from safetensors.torch import load as load_safetensors
+
+    if isinstance(source, str):
+        where = where or source
+        with uri_lib.storage_errors(source):
+            source = uri_lib.read_bytes(source)
+    try:
+        return load_safetensors(source)
+    except Exception as exc:  # safetensors raises its own error types for truncated headers
+        raise UserError(f"{where or 'weights'}: not a readable safetensors file ({exc})") from exc
 
 
 def read_sums(directory: str) -> dict[str, str]:
@@ -88,14 +142,9 @@ def verify_bundle(directory: str) -> dict[str, bytes]:
 
 
 def _build(model_config: dict[str, Any], weights: bytes, where: str) -> nn.Module:
-    from safetensors.torch import load as load_safetensors
+    from p2es_dist.models.registry import build_model  # lazily: the registry imports every model
 
-    from p2es_dist.models.registry import build_model
-
-    try:
-        state = load_safetensors(weights)
-    except Exception as exc:  # safetensors raises its own error types for truncated headers
-        raise UserError(f"{where}: not a readable safetensors file ({exc})") from exc
+    state = read_weights(weights, where=where)
     model = build_model(model_config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Non-persistent buffers never reach the state dict; anything else missing means another architecture.

@@ -18,6 +18,16 @@ carries `teacher_ecg`, plus `recorded_weight` x MSE to the recorded leads (maske
 sparsity of eq. 6 on F1 and F*, which concentrates energy in few kernels so that pruning removes little.
 
 Default size: 28,084 parameters (110 KB fp32); pruning half the trunk channels leaves about 10.5 k.
+
+PPG receptive field (issue 13): outer_kernel - 1 + depth * ((module_kernel - 1) * module_dilation
++ c2_kernel - 1) samples each side: +-49 undilated, less than the ~70 samples from a QRS to its
+pulse upstroke, so the shipped configs set `module_dilation: 7` (+-145, 1.2 s); dilation changes no
+weight shape, and the default stays 1 so students distilled before keep their meaning.
+
+Calibration template (`use_template`): the template's 12 leads and 12 constant "has this lead" channels
+are more input channels of the first layer; a lead counts as present when its template is not all
+zero (`template_input` zeroes the leads `template_mask` leaves out), so `forward_ppg(ppg, template)`
+needs no mask. Training hides it in a `template_dropout` fraction of windows.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from p2es_dist.constants import N_LEADS
-from p2es_dist.models.base import Batch, TranslationModel
+from p2es_dist.models.base import Batch, GenerationOptions, TranslationModel, hide_templates, template_input
 from p2es_dist.models.common import masked_mse, ppg_input, regression_target_mask
 from p2es_dist.models.li2021 import (
     ChannelAttention,
@@ -39,7 +49,6 @@ from p2es_dist.models.li2021 import (
     group_sparsity,
 )
 from p2es_dist.models.registry import register
-from p2es_dist.storage import uri as uri_lib
 
 
 @dataclass
@@ -50,6 +59,9 @@ class StudentConfig:
     module_kernel: int = 9  # C1 kernel of the recursive FEM/FTM (see li2021: Table VIII is missing)
     c2_kernel: int = 3
     depth: int = 2  # recursion depth R, matching the paper's two cascaded modules
+    # Of the recursive modules' C1 convolution. PPG receptive field with these defaults: +-49 samples,
+    # less than the ~70-sample pulse arrival (issue 13); student.yaml and distill.yaml set 7: +-145.
+    module_dilation: int = 1
     attention_hidden: int = 8  # channel attention FC: 4C -> hidden -> C
     teacher_weight: float = 1.0  # MSE to the teacher's output
     recorded_weight: float = 1.0  # MSE to the recorded leads
@@ -57,8 +69,17 @@ class StudentConfig:
     # Weights (a model.safetensors URI) to start from instead of a random init: the distiller points it
     # at the pruned student for the fine-tune and removes it from the final checkpoint's model.json.
     init_weights: str | None = None
+    # The patient's calibration template (batch keys `template`, `template_mask`) as 24 more input
+    # channels; off keeps configs and checkpoints from before it unchanged (its keys are never read).
+    use_template: bool = False
+    template_dropout: float = 0.5  # training: fraction of windows whose template is hidden (zero-shot)
+    template_residual: bool = True  # with use_template: the generator adds a correction to the template
 
     def __post_init__(self) -> None:
+        if self.module_dilation < 1:
+            raise ValueError(f"module_dilation must be >= 1, got {self.module_dilation}")
+        if not 0.0 <= self.template_dropout <= 1.0:
+            raise ValueError(f"template_dropout must be in [0, 1], got {self.template_dropout}")
         if not 0 < self.c1_channels < self.channels:
             raise ValueError(f"c1_channels must be in (0, channels={self.channels}), got {self.c1_channels}")
         if self.c2_kernel % 2 == 0:
@@ -90,9 +111,11 @@ class Student(TranslationModel):
         def module(transposed: bool) -> Recursion:
             return Recursion(module=MultiScaleModule(channels=channels, c1_channels=config.c1_channels,
                                                      kernel_size=config.module_kernel, c2_kernel=config.c2_kernel,
-                                                     transposed=transposed), depth=config.depth)
+                                                     transposed=transposed, dilation=config.module_dilation),
+                             depth=config.depth)
 
-        self.first = ConvNormAct(nn.Conv1d(1, channels, config.outer_kernel), channels)
+        in_channels = 1 + (2 * N_LEADS if config.use_template else 0)
+        self.first = ConvNormAct(nn.Conv1d(in_channels, channels, config.outer_kernel), channels)
         self.encoder = module(False)
         self.decoder = module(True)
         self.gate = CorrelationGate(channels=channels)
@@ -104,30 +127,53 @@ class Student(TranslationModel):
             self._load_initial(config.init_weights)
 
     def _load_initial(self, weights_uri: str) -> None:
-        from safetensors.torch import load as load_safetensors
+        from p2es_dist.models.checkpoint import read_weights
 
-        with uri_lib.storage_errors(weights_uri):
-            state = load_safetensors(uri_lib.read_bytes(weights_uri))
-        self.load_state_dict(state, strict=True)
+        self.load_state_dict(read_weights(weights_uri), strict=True)
 
-    def features(self, ppg: Tensor) -> StudentFeatures:
-        """ppg (B, L), already zeroed where absent -> ECG and the features the pruning score reads."""
-        first = self.first(ppg[:, None, :])
+    def signals(self, ppg: Tensor, template: Tensor | None = None) -> Tensor:
+        """The first layer's input: PPG (B, L), then (with `use_template`) the template (B, 12, L), zeros
+        where absent or when None, and per lead a constant channel, 1 where the template is not all zero."""
+        x = ppg[:, None, :]
+        if not self.config.use_template:
+            return x
+        if template is None:
+            template = torch.zeros(ppg.shape[0], N_LEADS, ppg.shape[-1], dtype=ppg.dtype, device=ppg.device)
+        present = (template != 0).any(dim=-1, keepdim=True).to(ppg.dtype)
+        return torch.cat([x, template.to(ppg.dtype), present.expand(-1, -1, ppg.shape[-1])], dim=1)
+
+    def features(self, ppg: Tensor, template: Tensor | None = None) -> StudentFeatures:
+        """ppg (B, L), already zeroed where absent (and the template, see `signals`) -> ECG and the
+        features the pruning score reads."""
+        first = self.first(self.signals(ppg, template))
         fused, alpha = self.gate(first, self.decoder(self.encoder(first)))
         weights = self.attention(fused)
         ecg = self.generator(fused * weights[:, :, None])
+        if self.config.use_template and self.config.template_residual and template is not None:
+            ecg = ecg + template.to(ecg.dtype)  # the generator starts at zero: untrained = the template
         return StudentFeatures(ecg=ecg, first=first, fused=fused, fusion_weights=alpha, channel_weights=weights)
 
-    def forward_ppg(self, ppg: Tensor) -> Tensor:
-        """(B, L) model-space PPG -> (B, 12, L) model-space ECG: the graph that ONNX export traces."""
-        return self.features(ppg).ecg
+    def forward_ppg(self, ppg: Tensor, template: Tensor | None = None) -> Tensor:
+        """(B, L) model-space PPG (and, with `use_template`, an optional (B, 12, L) template) -> (B, 12, L)
+        model-space ECG: the graph that ONNX export traces."""
+        if self.config.use_template and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            # The exported graphs (export/onnx_io.py, export/mobile.py) take `ppg` alone so far: tracing a
+            # template student would bake in "no calibration". Refuse rather than ship that silently.
+            raise NotImplementedError("student with use_template: the ONNX / TorchScript export does not take "
+                                      "the template as an input yet (set distill.onnx: false to distil one)")
+        return self.features(ppg, template).ecg
+
+    def _template(self, batch: Batch) -> Tensor | None:
+        return template_input(batch) if self.config.use_template else None
 
     def forward(self, batch: Batch) -> Tensor:
-        return self.forward_ppg(ppg_input(batch)[:, 0])
+        return self.forward_ppg(ppg_input(batch)[:, 0], self._template(batch))
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        out = self.features(ppg_input(batch)[:, 0])
-        recorded_mask = regression_target_mask(batch, with_leads=False)
+        if self.config.use_template and self.training:
+            batch = hide_templates(batch, self.config.template_dropout)
+        out = self.features(ppg_input(batch)[:, 0], self._template(batch))
+        recorded_mask = regression_target_mask(batch, with_leads=False, with_template=self.config.use_template)
         recorded = masked_mse(out.ecg, batch["ecg"], recorded_mask)
         sparsity = group_sparsity(out.fused) + group_sparsity(out.first)
         total = self.config.recorded_weight * recorded + self.config.sparsity_weight * sparsity
@@ -141,5 +187,5 @@ class Student(TranslationModel):
         return total, parts
 
     @torch.no_grad()
-    def generate(self, batch: Batch, *, seed: int = 0) -> Tensor:
-        return self(batch)  # one deterministic forward pass: `seed` is accepted for the common interface
+    def generate(self, batch: Batch, options: GenerationOptions | None = None) -> Tensor:
+        return self(batch)  # one deterministic forward pass: `options` is accepted for the common interface

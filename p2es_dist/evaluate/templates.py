@@ -1,0 +1,167 @@
+"""Template baselines and evaluation protocols: what a model must beat before its timing means anything.
+
+A template baseline learns nothing from the test patient's ECG beyond what its protocol allows. Each
+places a mean beat at every PPG upstroke minus a pulse arrival time (`data/timing.py`):
+
+| name                  | beat                          | PAT                          | protocol     |
+|-----------------------|-------------------------------|------------------------------|--------------|
+| `template_population` | training records' median beat | training records' median PAT | both         |
+| `template_pat`        | training records' median beat | the patient's calibrated PAT | calibrated   |
+| `template_personal`   | the patient's calibrated beat | the patient's calibrated PAT | calibrated   |
+
+The population figures come from the `train` split of the evaluated shard folders (one calibration
+profile per record, stored at ingest), never from the evaluated split. Protocols:
+- `zero-shot`: the patient is unseen; models get no template input.
+- `calibrated`: the first `calibration_s` seconds of each paired record calibrate (profile stored at
+  ingest); only windows that start after that segment are scored, and models get the patient's template.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import torch
+
+from p2es_dist.constants import LEADS, N_LEADS, WINDOW
+from p2es_dist.data import timing
+from p2es_dist.data.calibration import CalibrationProfile, population_profile
+from p2es_dist.data.loader import calibration_available, shard_paths
+from p2es_dist.errors import UserError
+from p2es_dist.models.base import GenerationOptions, TranslationModel
+from p2es_dist.storage import uri as uri_lib
+
+PROTOCOLS = ("zero-shot", "calibrated")
+TEMPLATES = {"zero-shot": ("template_population",),
+             "calibrated": ("template_population", "template_pat", "template_personal")}
+# The template each protocol's model is held against ("A model that does not beat ... says so").
+REFERENCE_TEMPLATE = {"zero-shot": "template_population", "calibrated": "template_personal"}
+
+
+def check_protocol(uris: list[str], protocol: str, calibration_s: float) -> None:
+    """UserError unless the shards can serve `protocol` (calibration stored at ingest, same seconds)."""
+    if protocol not in PROTOCOLS:
+        raise UserError(f"--protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if not calibration_available(uris):
+        raise UserError(f"--data {','.join(uris)}: shards have no beat timing (shard schema < 2); re-run "
+                        "`p2es ingest` with this version to get template baselines and the calibrated protocol")
+    for folder in uris:
+        manifest = json.loads(uri_lib.read_text(uri_lib.join(folder, "manifest.json")))
+        stored = ((manifest.get("config") or {}).get("preprocess") or {}).get("calibration_s")
+        if protocol == "calibrated" and stored is not None and float(stored) != float(calibration_s):
+            raise UserError(f"--calibration-seconds {calibration_s:g}: {folder} was ingested with "
+                            f"preprocess.calibration_s={stored}; re-ingest with --set preprocess.calibration_s="
+                            f"{calibration_s:g} or pass --calibration-seconds {stored}")
+
+
+def training_population(uris: list[str]) -> CalibrationProfile | None:
+    """The population profile (median beat per lead and median PAT) of the train split's records."""
+    filesystem, paths = shard_paths(uris)
+    dataset = ds.dataset(paths, filesystem=filesystem, format="parquet")
+    columns = ["record", "calib_pat_s", "calib_beat", "calib_beat_mask"]
+    rows = (ds.field("split") == "train") & ds.field("calib_pat_s").is_valid()
+    table = dataset.to_table(columns=columns, filter=rows)
+    if len(table) == 0:
+        return None
+    _, first = np.unique(np.asarray(table.column("record").to_pylist(), dtype=object), return_index=True)
+    table = table.take(pa.array(np.sort(first)))
+    profiles = []
+    beats = table.column("calib_beat").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    beats = beats.astype(np.float32).reshape(len(table), N_LEADS, timing.BEAT_SAMPLES)
+    masks = np.asarray(table.column("calib_beat_mask").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                       dtype=bool).reshape(len(table), N_LEADS)
+    for row, pat in enumerate(table.column("calib_pat_s").to_pylist()):
+        beat = {LEADS[i]: beats[row, i] for i in np.flatnonzero(masks[row])}
+        profiles.append(CalibrationProfile(pat_s=pat, pat_iqr_s=np.nan, n_beats=0, beat=beat, seconds=np.nan))
+    return population_profile(profiles)
+
+
+def scored_rows(table: pa.Table, protocol: str) -> pa.Table:
+    """The windows a protocol scores: all (zero-shot), or paired windows after the calibration segment."""
+    if protocol == "zero-shot":
+        return table
+    keep = pc.and_(pc.is_valid(table.column("calib_end")),
+                   pc.greater_equal(table.column("start"), pc.fill_null(table.column("calib_end"), 0)))
+    scored = table.filter(keep)
+    if len(scored) == 0:
+        raise UserError("--protocol calibrated: no window starts after its record's calibration segment "
+                        "(records without PPG + ECG, or shorter than the calibration seconds + one window)")
+    return scored
+
+
+def template_renders(table: pa.Table, population: CalibrationProfile | None, protocol: str) -> dict[str, np.ndarray]:
+    """Batch keys (n, 12, L) of each template baseline of `protocol` for these shard rows, in model space."""
+    n = len(table)
+    upstrokes = table.column("ppg_upstrokes").to_pylist()
+    patient_pat = table.column("calib_pat_s").to_numpy(zero_copy_only=False).astype(np.float64)
+    out: dict[str, np.ndarray] = {}
+    if population is not None:
+        beat, mask = population.beat_array()
+        for name in TEMPLATES[protocol]:
+            if name == "template_personal":
+                continue
+            rendered = np.zeros((n, N_LEADS, WINDOW), dtype=np.float32)
+            for i in range(n):
+                pat = population.pat_s if name == "template_population" else patient_pat[i]
+                if upstrokes[i] and np.isfinite(pat):
+                    rendered[i] = timing.template_from_upstrokes(beat, np.asarray(upstrokes[i]), pat, WINDOW)
+            out[name] = timing.normalise_template(rendered, np.broadcast_to(mask, (n, N_LEADS)))
+    return out
+
+
+class TemplateBaseline(TranslationModel):
+    """A 'model' whose output is one of the template renders the evaluation batch carries."""
+
+    name = "template"
+
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key = key
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, torch.Tensor], options: GenerationOptions | None = None) -> torch.Tensor:
+        if self.key == "template_personal":
+            return batch["template"].float() * batch["template_mask"][:, :, None].float()
+        return batch[self.key].float()
+
+
+def template_baselines(protocol: str, population: CalibrationProfile | None) -> dict[str, SimpleNamespace]:
+    """name -> a loaded-model stand-in (what `evaluate.runner.run_model` needs) for each template."""
+    names = [n for n in TEMPLATES[protocol] if population is not None or n == "template_personal"]
+    described = {"template_population": "population beat at population PAT",
+                 "template_pat": "population beat at the patient's calibrated PAT",
+                 "template_personal": "the patient's calibrated beat at their calibrated PAT"}
+    return {name: SimpleNamespace(name=name, model=TemplateBaseline(name), uri=described[name], kind="template",
+                                  digest="", metadata={}) for name in names}
+
+
+def population_summary(population: CalibrationProfile | None) -> dict | None:
+    if population is None:
+        return None
+    return {"pat_s": population.pat_s, "pat_iqr_s": population.pat_iqr_s, "n_records": population.n_beats,
+            "leads": [name for name in LEADS if name in population.beat], "source": "train split of --data"}
+
+
+def lead_ii_verdict(sections: dict[str, dict], model: str, protocol: str) -> dict | None:
+    """Does the model beat its protocol's reference template on lead II Pearson? (None when unscored)."""
+    reference = REFERENCE_TEMPLATE[protocol]
+    if reference not in sections:
+        return None
+
+    def pearson(name: str) -> float | None:
+        leads = sections[name]["spaces"]["window"]["leads"]
+        return leads.get("II", {}).get("pearson") if "II" in leads else None
+
+    mine, theirs = pearson(model), pearson(reference)
+    if mine is None or theirs is None:
+        return None
+    return {"template": reference, "model_pearson_ii": mine, "template_pearson_ii": theirs,
+            "beats_template": bool(mine > theirs)}
+
+
+__all__ = ["PROTOCOLS", "TemplateBaseline", "check_protocol", "lead_ii_verdict", "scored_rows",
+           "template_baselines", "template_renders", "training_population"]
