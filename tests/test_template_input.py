@@ -223,3 +223,37 @@ def _residual_batch(size: int = 2):
             "age": torch.full((size,), 50.0), "sex": torch.zeros(size, dtype=torch.int64),
             "labels": torch.zeros(size, len(LABELS)), "subject": torch.zeros(size, dtype=torch.int64),
             "template": template, "template_mask": mask}
+
+
+def test_population_template_fills_windows_without_calibration():
+    """Zero-shot windows get the training population's beat at their upstrokes minus its PAT: the same
+    placement as data.timing (numpy) renders, and an untrained residual P2Es answers with it."""
+    import numpy as np
+
+    from p2es_dist.constants import LEAD_INDEX, WINDOW
+    from p2es_dist.data import timing
+    from p2es_dist.models.base import GenerationOptions, PopulationTemplate
+
+    beat = np.sin(np.linspace(0, 3 * np.pi, timing.BEAT_SAMPLES)).astype(np.float32)
+    population = {"fs": 125, "pat_s": 0.56, "beat": {"II": beat.tolist()}}
+    upstrokes = np.array([[-40, 60, 170, 290, 400, 520, 640, 760, 880, 1000, 1100]
+                          + [timing.UPSTROKE_PAD] * 5], dtype=np.int32)
+    expected = timing.template_from_upstrokes(beat[None], upstrokes[0][upstrokes[0] < timing.UPSTROKE_PAD], 0.56,
+                                              WINDOW)[0]
+    expected = expected / np.abs(expected).max()
+    rendered = PopulationTemplate(population).render(torch.from_numpy(upstrokes), WINDOW)
+    np.testing.assert_allclose(rendered[0, LEAD_INDEX["II"]].numpy(), expected, atol=1e-6)
+
+    batch = _residual_batch(size=2)
+    batch["template_mask"][0] = False  # window 0: no calibration -> population; window 1 keeps its own
+    batch["upstrokes"] = torch.from_numpy(np.repeat(upstrokes, 2, axis=0))
+    filled = PopulationTemplate(population).fill(batch)
+    assert filled["template_calibrated"].tolist() == [False, True]
+    torch.testing.assert_close(filled["template"][1], batch["template"][1])
+    torch.testing.assert_close(filled["template"][0, LEAD_INDEX["II"]], rendered[0, LEAD_INDEX["II"]])
+
+    section = {"name": "p2es", "timesteps": 20, "hidden_channels": 16, "embed_dim": 32, "dilation_depth": 2,
+               "cascades": 1, "affinity": False, "sample_steps": 4, "use_template": True, "population": population}
+    torch.manual_seed(0)
+    out = build_model(section).eval().generate(batch, GenerationOptions(seed=0))
+    torch.testing.assert_close(out[0, LEAD_INDEX["II"]], rendered[0, LEAD_INDEX["II"]], atol=1e-5, rtol=0)

@@ -199,3 +199,19 @@ def test_windows_without_ppg_have_no_timing():
     assert table.column("ppg_upstrokes").null_count == len(table)
     assert table.column("calib_pat_s").null_count == len(table)
     assert isinstance(table.column("calib_beat").type, pa.FixedSizeListType)
+
+
+def test_distillation_hides_the_same_windows_for_teacher_and_student():
+    from p2es_dist.data.batches import table_to_batch
+    from p2es_dist.distill.teacher_outputs import hidden_templates
+
+    ids = [f"bidmc:r:{i}" for i in range(2000)]
+    hidden = hidden_templates(ids, 0.5)
+    assert 0.45 < hidden.mean() < 0.55
+    np.testing.assert_array_equal(hidden, hidden_templates(ids, 0.5))  # by window id: stable across runs
+    assert not hidden_templates(ids, 0.0).any() and hidden_templates(ids, 1.0).all()
+    table = _paired_table()
+    flags = np.zeros(len(table), dtype=bool)
+    flags[-3:] = True
+    batch = table_to_batch(table.append_column("template_hidden", pa.array(flags)))
+    assert not batch["template_mask"][-3:].any() and batch["template_mask"][-4].any()

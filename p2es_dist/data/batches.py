@@ -68,8 +68,13 @@ def table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
         "subject": np.array([subject_hash(s) for s in subjects], dtype=np.int64),
         "scale": scale,
     }
+    if "ppg_upstrokes" in table.column_names:
+        batch["upstrokes"] = upstroke_array(table.column("ppg_upstrokes"))
     if "calib_beat" in table.column_names:
         batch["template"], batch["template_mask"] = calibration_templates(table)
+        if "template_hidden" in table.column_names:  # distillation: the teacher answered without it
+            hidden = table.column("template_hidden").to_numpy(zero_copy_only=False).astype(bool)
+            batch["template_mask"] &= ~hidden[:, None]
     if "teacher_ecg" in table.column_names:  # distillation shards: the teacher's output, already in model space
         teacher = _fixed_list_to_numpy(table.column("teacher_ecg"), N_LEADS * WINDOW)
         batch["teacher_ecg"] = teacher.reshape(-1, N_LEADS, WINDOW)
@@ -99,3 +104,17 @@ def calibration_templates(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     for i in np.flatnonzero(mask.any(axis=1)):
         templates[i] = timing.template_from_upstrokes(beats[i], np.asarray(upstrokes[i]), pat[i], WINDOW)
     return timing.normalise_template(templates, mask) * mask[:, :, None], mask
+
+
+MAX_UPSTROKES = 48  # per window with its margins (~10 s): 4.8 pulses/s would be 288 bpm
+
+
+def upstroke_array(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """list<int32> upstrokes per window -> (n, MAX_UPSTROKES) int32, padded with `timing.UPSTROKE_PAD`."""
+    rows = column.to_pylist()
+    out = np.full((len(rows), MAX_UPSTROKES), timing.UPSTROKE_PAD, dtype=np.int32)
+    for i, values in enumerate(rows):
+        if values:
+            values = values[:MAX_UPSTROKES]
+            out[i, : len(values)] = values
+    return out

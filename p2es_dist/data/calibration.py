@@ -149,20 +149,48 @@ def estimate_profile(ecg: dict[str, np.ndarray], ppg: np.ndarray, *, valid: dict
                               seconds=float(seconds), units=units, source=source)
 
 
-def population_profile(profiles: list[CalibrationProfile]) -> CalibrationProfile | None:
+def population_profile(profiles: list[CalibrationProfile], *, min_records: int = 5) -> CalibrationProfile | None:
     """The population template of the zero-shot baseline: median PAT and median normalised beat per lead.
 
     Each profile's beat is scaled to unit peak per lead first, so a patient with a large QRS does not
     dominate (and sources that rescaled each lead on their own, as BIDMC did, still average sensibly).
+    A lead is kept when at least `min_records` records (or all, if fewer) have it.
     """
     if not profiles:
         return None
     beat = {}
     for name in LEADS:
         rows = [p.beat[name] / max(float(np.abs(p.beat[name]).max()), 1e-9) for p in profiles if name in p.beat]
-        if rows:
+        if rows and len(rows) >= min(min_records, len(profiles)):
             beat[name] = np.median(np.stack(rows), axis=0).astype(np.float32)
     pats = np.array([p.pat_s for p in profiles])
     q1, median, q3 = np.percentile(pats, [25, 50, 75])
     return CalibrationProfile(pat_s=float(median), pat_iqr_s=float(q3 - q1), n_beats=len(profiles), beat=beat,
                               seconds=math.nan, units="normalised", source=f"population of {len(profiles)} records")
+
+
+def population_from_shards(uris: list[str]) -> CalibrationProfile | None:
+    """The population profile of the `train` split of shard folders: one calibration per record."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    from p2es_dist.data.loader import calibration_available, shard_paths
+
+    if not calibration_available(uris):
+        return None
+    filesystem, paths = shard_paths(uris)
+    dataset = ds.dataset(paths, filesystem=filesystem, format="parquet")
+    rows = (ds.field("split") == "train") & ds.field("calib_pat_s").is_valid()
+    table = dataset.to_table(columns=["record", "calib_pat_s", "calib_beat", "calib_beat_mask"], filter=rows)
+    if len(table) == 0:
+        return None
+    _, first = np.unique(np.asarray(table.column("record").to_pylist(), dtype=object), return_index=True)
+    table = table.take(pa.array(np.sort(first)))
+    beats = table.column("calib_beat").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    beats = beats.astype(np.float32).reshape(len(table), N_LEADS, timing.BEAT_SAMPLES)
+    masks = np.asarray(table.column("calib_beat_mask").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                       dtype=bool).reshape(len(table), N_LEADS)
+    profiles = [CalibrationProfile(pat_s=pat, pat_iqr_s=math.nan, n_beats=0, seconds=math.nan,
+                                   beat={LEADS[i]: beats[row, i] for i in np.flatnonzero(masks[row])})
+                for row, pat in enumerate(table.column("calib_pat_s").to_pylist())]
+    return population_profile(profiles)

@@ -128,8 +128,10 @@ def model_space_dataset(config: LoaderConfig, *, split: str, training: bool):
     unknown = sorted(set(config.condition_leads) - set(LEADS))
     if unknown:
         raise UserError(f"data.condition_leads: unknown lead {unknown[0]!r} (expected some of {', '.join(LEADS)})")
-    columns = READ_COLUMNS + (CALIBRATION_READ_COLUMNS if calibration_available(config.uris) else [])
-    columns += ["teacher_ecg"] if config.teacher_ecg else []
+    calibrated = calibration_available(config.uris)
+    columns = READ_COLUMNS + (CALIBRATION_READ_COLUMNS if calibrated else [])
+    # Teacher outputs (distillation) say per window whether the teacher saw its template.
+    columns += (["teacher_ecg"] + (["template_hidden"] if calibrated else [])) if config.teacher_ecg else []
     dataset = read_windows(config.uris, split=split, min_quality=config.min_quality, columns=columns)
     return dataset.map_batches(
         convert_block,
@@ -157,6 +159,7 @@ def torch_batches(shard, config: LoaderConfig, *, training: bool, epoch: int = 0
         dtypes={"ppg": torch.float32, "ecg": torch.float32, "ppg_mask": torch.bool, "ecg_mask": torch.bool,
                 "age": torch.float32, "sex": torch.int64, "labels": torch.float32, "subject": torch.int64,
                 "scale": torch.float32, "template": torch.float32, "template_mask": torch.bool,
+                "upstrokes": torch.int32,
                 **({"cond_leads": torch.bool} if config.condition_leads else {}),
                 **({"teacher_ecg": torch.float32} if config.teacher_ecg else {})},
         prefetch_batches=config.prefetch_batches,

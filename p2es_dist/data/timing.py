@@ -24,6 +24,7 @@ BEAT_PRE = 38  # samples before the R-peak (0.3 s: the P wave)
 BEAT_POST = 62  # samples from the R-peak on (0.5 s: QRS and T wave)
 BEAT_SAMPLES = BEAT_PRE + BEAT_POST
 PAT_RANGE_S = (0.15, 1.5)  # pulse arrival times searched for (ICU monitors add up to ~0.6 s of PPG latency)
+UPSTROKE_PAD = 2**30  # pads fixed-width upstroke arrays (batch key `upstrokes`): past any window
 _UPSTROKE_SEARCH_S = 0.3
 _MATCH_TOLERANCE_S = 0.1  # an upstroke this close to R + PAT belongs to that R
 

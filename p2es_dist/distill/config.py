@@ -34,6 +34,9 @@ class DistillSection:
     prune_fraction: float = 0.5  # share of trunk channels removed (0: no pruning, no fine-tune)
     prune_lambda_w: float = 1.0  # lambda_w of eq. 11
     prune_windows: int = 256  # training windows the significance expectation is taken over
+    # Calibration templates (a student with use_template): the share of windows whose template is hidden
+    # from teacher and student alike, decided per window in the data (teacher_outputs.hidden_templates).
+    template_dropout: float = 0.5
     finetune_steps: int = 200
     finetune_lr: float | None = None  # default: train.lr
     onnx: bool = True  # export the final student to ONNX beside the summary

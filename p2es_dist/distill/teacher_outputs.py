@@ -31,14 +31,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from p2es_dist import __version__
-from p2es_dist.constants import FS, N_LEADS, SCHEMA_VERSION, WINDOW
-from p2es_dist.data.loader import READ_COLUMNS
+from p2es_dist.constants import FS, N_LEADS, SCHEMA_VERSION, SHARD_SCHEMA_VERSION, WINDOW
+from p2es_dist.data.loader import READ_COLUMNS, calibration_available
 from p2es_dist.distill.config import DistillSection
 from p2es_dist.models.base import GenerationOptions
 from p2es_dist.storage import uri as uri_lib
 
 log = logging.getLogger("p2es.distill")
 TEACHER_COLUMN = "teacher_ecg"
+HIDDEN_COLUMN = "template_hidden"
 FLOAT16_LIMIT = 65000.0  # an untrained teacher may stray far; float16 would turn it into inf
 
 
@@ -46,7 +47,8 @@ def cache_key(*, teacher_digest: str, data_uris: list[str], distill: DistillSect
     """What the teacher's outputs depend on (the data by its manifests' bytes, not its location)."""
     data = [hashlib.sha256(uri_lib.read_bytes(uri_lib.join(u, "manifest.json"))).hexdigest() for u in data_uris]
     return {"teacher_digest": teacher_digest, "sampler": distill.sampler, "steps": distill.steps,
-            "seed": distill.seed, "n_samples": distill.n_samples, "splits": sorted(distill.splits), "data": data}
+            "seed": distill.seed, "n_samples": distill.n_samples, "splits": sorted(distill.splits), "data": data,
+            "template_dropout": distill.template_dropout}
 
 
 def cache_folder(cache_root: str, key: dict[str, Any]) -> str:
@@ -60,8 +62,23 @@ def generation_options(distill: DistillSection) -> GenerationOptions:
                              n_samples=distill.n_samples)
 
 
-def predict_table(model: Any, table: pa.Table, *, options: GenerationOptions, device: str = "cpu") -> pa.Table:
-    """Shard rows -> the rows with PPG, plus the teacher's `teacher_ecg` column (model space, float16)."""
+def hidden_templates(window_ids: list[str], fraction: float) -> np.ndarray:
+    """(n,) bool: windows whose calibration template is hidden, a stable `fraction` of them by window id.
+
+    Distillation decides this once, in the data, so the teacher answers each window in the mode (zero-shot
+    or calibrated) the student then sees it in (the student trains with `template_dropout: 0`).
+    """
+    draws = [int.from_bytes(hashlib.blake2b(f"template:{w}".encode(), digest_size=8).digest(), "big") / 2**64
+             for w in window_ids]
+    return np.asarray(draws) < fraction
+
+
+def predict_table(model: Any, table: pa.Table, *, options: GenerationOptions, device: str = "cpu",
+                  template_dropout: float = 0.5) -> pa.Table:
+    """Shard rows -> the rows with PPG, plus the teacher's `teacher_ecg` column (model space, float16).
+
+    Shards with calibration columns also get `template_hidden`: the windows whose template neither the
+    teacher nor the student sees (`hidden_templates`)."""
     import torch
 
     from p2es_dist.data.batches import table_to_batch
@@ -70,30 +87,39 @@ def predict_table(model: Any, table: pa.Table, *, options: GenerationOptions, de
     if len(table) == 0:
         empty = pa.array([], type=pa.list_(pa.float16(), N_LEADS * WINDOW))
         return table.append_column(TEACHER_COLUMN, empty)
+    numpy_batch = table_to_batch(table)
+    hidden = None
+    if "template_mask" in numpy_batch:
+        hidden = hidden_templates(table.column("window_id").to_pylist(), template_dropout)
+        numpy_batch["template_mask"] = numpy_batch["template_mask"] & ~hidden[:, None]
     # np.array copies: Arrow buffers are read-only, and torch must not alias memory it could write to.
-    batch = {key: torch.from_numpy(np.array(value)).to(device) for key, value in table_to_batch(table).items()}
+    batch = {key: torch.from_numpy(np.array(value)).to(device) for key, value in numpy_batch.items()}
     with torch.no_grad():
         ecg = model.generate(batch, options).float().cpu().numpy()
     flat = np.clip(np.nan_to_num(ecg), -FLOAT16_LIMIT, FLOAT16_LIMIT).astype(np.float16).reshape(-1)
     column = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float16()), N_LEADS * WINDOW)
-    return table.append_column(TEACHER_COLUMN, column)
+    table = table.append_column(TEACHER_COLUMN, column)
+    if hidden is not None:
+        table = table.append_column(HIDDEN_COLUMN, pa.array(hidden))
+    return table
 
 
 class TeacherPredictor:
     """A Ray Data actor: loads the teacher once, then turns Arrow batches into batches with `teacher_ecg`."""
 
     def __init__(self, *, teacher_uri: str, options: GenerationOptions, threads: int = 1,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", template_dropout: float = 0.5) -> None:
         import torch
 
         from p2es_dist.models.checkpoint import load_model
 
         torch.set_num_threads(max(1, threads))
         self.model = load_model(teacher_uri).model.to(device)
-        self.options, self.device = options, device
+        self.options, self.device, self.template_dropout = options, device, template_dropout
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        return predict_table(self.model, table, options=self.options, device=self.device)
+        return predict_table(self.model, table, options=self.options, device=self.device,
+                             template_dropout=self.template_dropout)
 
 
 def infer_with_ray(*, teacher_uri: str, data_uris: list[str], distill: DistillSection, shard_folder: str) -> None:
@@ -101,9 +127,10 @@ def infer_with_ray(*, teacher_uri: str, data_uris: list[str], distill: DistillSe
     import ray.data
     from ray.data.expressions import col, lit
 
-    from p2es_dist.data.loader import read_windows
+    from p2es_dist.data.loader import CALIBRATION_READ_COLUMNS, read_windows
 
-    dataset = read_windows(data_uris, split=None, columns=READ_COLUMNS)
+    columns = READ_COLUMNS + (CALIBRATION_READ_COLUMNS if calibration_available(data_uris) else [])
+    dataset = read_windows(data_uris, split=None, columns=columns)
     wanted = None
     for split in distill.splits:
         match = col("split") == lit(split)
@@ -116,7 +143,8 @@ def infer_with_ray(*, teacher_uri: str, data_uris: list[str], distill: DistillSe
         batch_format="pyarrow",
         fn_constructor_kwargs={"teacher_uri": teacher_uri, "options": generation_options(distill),
                                "threads": max(1, round(distill.cpus_per_actor)),
-                               "device": "cuda" if use_gpu else "cpu"},
+                               "device": "cuda" if use_gpu else "cpu",
+                               "template_dropout": distill.template_dropout},
         compute=ray.data.ActorPoolStrategy(size=distill.actors),
         num_cpus=distill.cpus_per_actor,
         **({"num_gpus": distill.gpus_per_actor} if use_gpu else {}),
@@ -168,7 +196,8 @@ def ensure_teacher_outputs(*, teacher_uri: str, teacher_digest: str, data_uris: 
 
         raise UserError(f"data.uris {data_uris}: no window with PPG in splits {distill.splits}; nothing to distil")
     manifest = {
-        "schema_version": SCHEMA_VERSION, "kind": "teacher_outputs", "fs": FS, "window": WINDOW,
+        "schema_version": SHARD_SCHEMA_VERSION if calibration_available(data_uris) else SCHEMA_VERSION,
+        "kind": "teacher_outputs", "fs": FS, "window": WINDOW,
         "key": key, "teacher_uri": teacher_uri, "column": TEACHER_COLUMN, "space": "model",
         "n_windows": n_windows, "shards": shards, "seconds": round(time.perf_counter() - begin, 2),
         "version": __version__,

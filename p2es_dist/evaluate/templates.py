@@ -24,13 +24,12 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import torch
 
 from p2es_dist.constants import LEADS, N_LEADS, WINDOW
 from p2es_dist.data import timing
-from p2es_dist.data.calibration import CalibrationProfile, population_profile
-from p2es_dist.data.loader import calibration_available, shard_paths
+from p2es_dist.data.calibration import CalibrationProfile, population_from_shards
+from p2es_dist.data.loader import calibration_available
 from p2es_dist.errors import UserError
 from p2es_dist.models.base import GenerationOptions, TranslationModel
 from p2es_dist.storage import uri as uri_lib
@@ -60,24 +59,7 @@ def check_protocol(uris: list[str], protocol: str, calibration_s: float) -> None
 
 def training_population(uris: list[str]) -> CalibrationProfile | None:
     """The population profile (median beat per lead and median PAT) of the train split's records."""
-    filesystem, paths = shard_paths(uris)
-    dataset = ds.dataset(paths, filesystem=filesystem, format="parquet")
-    columns = ["record", "calib_pat_s", "calib_beat", "calib_beat_mask"]
-    rows = (ds.field("split") == "train") & ds.field("calib_pat_s").is_valid()
-    table = dataset.to_table(columns=columns, filter=rows)
-    if len(table) == 0:
-        return None
-    _, first = np.unique(np.asarray(table.column("record").to_pylist(), dtype=object), return_index=True)
-    table = table.take(pa.array(np.sort(first)))
-    profiles = []
-    beats = table.column("calib_beat").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    beats = beats.astype(np.float32).reshape(len(table), N_LEADS, timing.BEAT_SAMPLES)
-    masks = np.asarray(table.column("calib_beat_mask").combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                       dtype=bool).reshape(len(table), N_LEADS)
-    for row, pat in enumerate(table.column("calib_pat_s").to_pylist()):
-        beat = {LEADS[i]: beats[row, i] for i in np.flatnonzero(masks[row])}
-        profiles.append(CalibrationProfile(pat_s=pat, pat_iqr_s=np.nan, n_beats=0, beat=beat, seconds=np.nan))
-    return population_profile(profiles)
+    return population_from_shards(uris)
 
 
 def scored_rows(table: pa.Table, protocol: str) -> pa.Table:

@@ -32,6 +32,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from p2es_dist.constants import N_LEADS
+
 Batch = dict[str, Tensor]
 
 
@@ -119,6 +121,63 @@ def hide_templates(batch: Batch, fraction: float) -> Batch:
     mask = batch["template_mask"].bool()
     keep = torch.rand(mask.shape[0], device=mask.device) >= fraction
     return {**batch, "template_mask": mask & keep[:, None]}
+
+
+class PopulationTemplate(nn.Module):
+    """The training population's mean beat and pulse arrival time: the zero-shot stand-in for a template.
+
+    `population` is a calibration profile as JSON (`p2es_dist/data/calibration.py`), which the trainer
+    fills in from the train split of the training data (`model.population` in the config, so it travels
+    with every checkpoint). `fill` gives each window that has no calibration template the population's
+    beat placed at its PPG upstrokes (batch key `upstrokes`, (B, K) int, padded with `data.timing.UPSTROKE_PAD`) minus
+    the population PAT, and says which windows are calibrated (`template_calibrated`). Without a
+    population, or without upstrokes in the batch, it changes nothing.
+    """
+
+    def __init__(self, population: dict | None) -> None:
+        super().__init__()
+        from p2es_dist.constants import LEAD_INDEX
+        from p2es_dist.data.timing import BEAT_PRE, BEAT_SAMPLES
+
+        population = population or {}
+        beat = torch.zeros(N_LEADS, BEAT_SAMPLES)
+        mask = torch.zeros(N_LEADS, dtype=torch.bool)
+        for name, values in (population.get("beat") or {}).items():
+            beat[LEAD_INDEX[name]] = torch.tensor(values, dtype=torch.float32)
+            mask[LEAD_INDEX[name]] = True
+        self.available = bool(mask.any())
+        self.shift = int(round(float(population.get("pat_s", 0.0)) * float(population.get("fs", 125)))) + BEAT_PRE
+        self.register_buffer("beat", beat, persistent=False)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def render(self, upstrokes: Tensor, length: int) -> Tensor:
+        """(B, K) upstroke positions -> (B, 12, length), unit peak over the population's leads per window.
+
+        The same placement as `data.timing.render_template`: each sample takes the beat that started last.
+        """
+        starts, _ = torch.sort(upstrokes.long() - self.shift, dim=1)
+        t = torch.arange(length, device=starts.device).expand(len(starts), length).contiguous()
+        owner = torch.searchsorted(starts, t, right=True) - 1
+        offset = t - torch.gather(starts, 1, owner.clamp_min(0))
+        covered = (owner >= 0) & (offset < self.beat.shape[1])
+        values = self.beat[:, offset.clamp(0, self.beat.shape[1] - 1)].permute(1, 0, 2)  # (B, 12, L)
+        values = values * covered[:, None, :].to(values.dtype)
+        peak = values.abs().amax(dim=(1, 2), keepdim=True)
+        return torch.where(peak > 0, values / peak.clamp_min(1e-12), torch.zeros_like(values))
+
+    def fill(self, batch: Batch) -> Batch:
+        has_own = template_leads(batch).any(dim=1)
+        out = {**batch, "template_calibrated": has_own}
+        if not self.available or "upstrokes" not in batch:
+            return out
+        length = batch["ppg"].shape[-1]
+        population = self.render(batch["upstrokes"], length).to(batch["ppg"].dtype)
+        own = template_input(batch) if "template" in batch else torch.zeros_like(population)
+        use = (~has_own & batch["ppg_mask"].bool())[:, None]
+        mask = torch.where(use, self.mask.expand(len(use), -1), template_leads(batch))
+        out["template"] = torch.where(use[:, :, None], population, own)
+        out["template_mask"] = mask
+        return out
 
 
 def count_parameters(model: nn.Module) -> int:

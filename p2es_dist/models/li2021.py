@@ -59,13 +59,20 @@ Where this adapts the paper (which maps aligned single ~300-sample lead-II cycle
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from p2es_dist.constants import LABELS, N_LEADS
-from p2es_dist.models.base import Batch, GenerationOptions, TranslationModel, hide_templates, template_input
+from p2es_dist.models.base import (
+    Batch,
+    GenerationOptions,
+    PopulationTemplate,
+    TranslationModel,
+    hide_templates,
+    template_input,
+)
 from p2es_dist.models.common import (
     masked_bce,
     masked_mse,
@@ -109,6 +116,9 @@ class Li2021Config:
     use_template: bool = False
     template_dropout: float = 0.5  # training: fraction of windows whose template is hidden (zero-shot)
     template_residual: bool = True  # with use_template: the generator adds a correction to the template
+    # The training population's calibration profile (data/calibration.py JSON), filled in by the trainer:
+    # windows without the patient's template get the population's beat at their PPG upstrokes instead.
+    population: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.fem_dilations) != len(self.fem_kernels):
@@ -260,6 +270,7 @@ class Li2021(TranslationModel):
     def __init__(self, *, config: Li2021Config) -> None:
         super().__init__()
         self.config = config
+        self.population = PopulationTemplate(config.population if config.use_template else None)
         in_channels = signal_channels(with_leads=config.condition_on_leads, with_template=config.use_template,
                                       template_flags=True)
         self.first = ConvNormAct(nn.Conv1d(in_channels, config.channels, config.outer_kernel), config.channels)
@@ -289,6 +300,8 @@ class Li2021(TranslationModel):
         return encoder, decoder
 
     def forward_features(self, batch: Batch) -> Li2021Output:
+        if self.config.use_template:
+            batch = self.population.fill(batch)
         first = self.first(signal_input(batch, with_leads=self.config.condition_on_leads,
                                         with_template=self.config.use_template, template_flags=True))
         fused, alpha = self.gate(first, self.decoder(self.encoder(first)))

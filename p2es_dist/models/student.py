@@ -32,13 +32,20 @@ needs no mask. Training hides it in a `template_dropout` fraction of windows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from p2es_dist.constants import N_LEADS
-from p2es_dist.models.base import Batch, GenerationOptions, TranslationModel, hide_templates, template_input
+from p2es_dist.models.base import (
+    Batch,
+    GenerationOptions,
+    PopulationTemplate,
+    TranslationModel,
+    hide_templates,
+    template_input,
+)
 from p2es_dist.models.common import masked_mse, ppg_input, regression_target_mask
 from p2es_dist.models.li2021 import (
     ChannelAttention,
@@ -74,6 +81,9 @@ class StudentConfig:
     use_template: bool = False
     template_dropout: float = 0.5  # training: fraction of windows whose template is hidden (zero-shot)
     template_residual: bool = True  # with use_template: the generator adds a correction to the template
+    # The training population's calibration profile (data/calibration.py JSON), filled in by the trainer:
+    # windows without the patient's template get the population's beat at their PPG upstrokes instead.
+    population: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.module_dilation < 1:
@@ -106,6 +116,7 @@ class Student(TranslationModel):
     def __init__(self, *, config: StudentConfig) -> None:
         super().__init__()
         self.config = config
+        self.population = PopulationTemplate(config.population if config.use_template else None)
         channels = config.channels
 
         def module(transposed: bool) -> Recursion:
@@ -164,7 +175,8 @@ class Student(TranslationModel):
         return self.features(ppg, template).ecg
 
     def _template(self, batch: Batch) -> Tensor | None:
-        return template_input(batch) if self.config.use_template else None
+        """The patient's template, else the population's at the window's upstrokes (None: no template input)."""
+        return template_input(self.population.fill(batch)) if self.config.use_template else None
 
     def forward(self, batch: Batch) -> Tensor:
         return self.forward_ppg(ppg_input(batch)[:, 0], self._template(batch))

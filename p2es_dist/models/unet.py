@@ -19,13 +19,20 @@ for the defaults, enough for the ~0.56 s from a QRS to its pulse (issue 13).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from p2es_dist.constants import N_LEADS
-from p2es_dist.models.base import Batch, GenerationOptions, TranslationModel, hide_templates, template_input
+from p2es_dist.models.base import (
+    Batch,
+    GenerationOptions,
+    PopulationTemplate,
+    TranslationModel,
+    hide_templates,
+    template_input,
+)
 from p2es_dist.models.common import (
     ConditionVector,
     masked_mse,
@@ -52,6 +59,9 @@ class UNetConfig:
     use_template: bool = False
     template_dropout: float = 0.5  # training: fraction of windows whose template is hidden (zero-shot)
     template_residual: bool = True  # with use_template: output = template + the network's correction
+    # The training population's calibration profile (data/calibration.py JSON), filled in by the trainer:
+    # windows without the patient's template get the population's beat at their PPG upstrokes instead.
+    population: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.template_dropout <= 1.0:
@@ -93,6 +103,7 @@ class UNet1d(TranslationModel):
     def __init__(self, *, config: UNetConfig) -> None:
         super().__init__()
         self.config = config
+        self.population = PopulationTemplate(config.population if config.use_template else None)
         widths = config.channels
         in_channels = signal_channels(with_leads=config.condition_on_leads, with_template=config.use_template)
         self.condition = ConditionVector(dim=config.condition_dim, use_demographics=config.use_demographics,
@@ -115,6 +126,8 @@ class UNet1d(TranslationModel):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, batch: Batch) -> Tensor:
+        if self.config.use_template:
+            batch = self.population.fill(batch)
         x = signal_input(batch, with_leads=self.config.condition_on_leads, with_template=self.config.use_template)
         factor = 2 ** (len(self.config.channels) - 1)
         if x.shape[-1] % factor:

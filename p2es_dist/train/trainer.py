@@ -38,6 +38,28 @@ def _storage(job: JobConfig) -> tuple[str, Any]:
     return str(local), None
 
 
+def with_population(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with `model.population` filled in for a model that takes calibration templates.
+
+    The population (median beat per lead and median PAT of the training records, `data/calibration.py`)
+    comes from the `train` split of `data.uris` only, and is written into the model section, so every
+    checkpoint carries the zero-shot template its model was trained with.
+    """
+    model = config.get("model") or {}
+    if not model.get("use_template") or model.get("population"):
+        return config
+    from p2es_dist.data.calibration import population_from_shards
+
+    profile = population_from_shards(list((config.get("data") or {}).get("uris") or []))
+    if profile is None:
+        log.warning("model.use_template: the training data carry no calibration (shard schema < 2 or no paired "
+                    "record in train): no population template, zero-shot windows get no template")
+        return config
+    population = profile.to_json()
+    population = {key: population[key] for key in ("fs", "pat_s", "pat_iqr_s", "n_beats", "beat", "source")}
+    return {**config, "model": {**model, "population": population}}
+
+
 def build_torch_trainer(config: dict[str, Any], *, run_config=None, name: str | None = None):
     """A ready-to-fit TorchTrainer for a job config (Ray Tune calls this with its own `run_config`)."""
     import ray.train
@@ -46,6 +68,7 @@ def build_torch_trainer(config: dict[str, Any], *, run_config=None, name: str | 
     from p2es_dist.data.loader import training_datasets
     from p2es_dist.train.loop import train_loop_per_worker
 
+    config = with_population(config)
     job = parse_job_config(config)
     name = name or run_name(job)
     storage_path, filesystem = _storage(job)
@@ -113,6 +136,7 @@ def run_training(config: dict[str, Any], *, out: str | None = None) -> dict[str,
     reconstruction error (`SELECTION_METRIC`), not necessarily the last; `steps` and `val` are the last
     report's, `selected` says which step was chosen and why.
     """
+    config = with_population(config)
     job = parse_job_config(config)
     name = run_name(job)
     trainer = build_torch_trainer(config, name=name)

@@ -123,15 +123,20 @@ def stated_generation(model: TranslationModel, metadata: dict[str, Any]) -> dict
 
 
 def generate_windows(loaded: LoadedModel, ppg_windows: np.ndarray, *, config: TranslateConfig, age: float | None,
-                     sex: int, templates: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                     sex: int, templates: tuple[np.ndarray, np.ndarray] | None = None,
+                     upstrokes: np.ndarray | None = None) -> np.ndarray:
     """(k, L) model-space PPG -> (k, 12, L) model-space ECG, `config.batch_size` windows at a time.
 
     `templates`: the calibration's (k, 12, L) model-space templates and (12,) lead mask, or None.
+    `upstrokes`: (k, K) PPG upstrokes per window (`data.batches.upstroke_array`), for models that place
+    their training population's beat there when there is no calibration.
     """
     options = GenerationOptions.from_settings(stated_generation(loaded.model, loaded.metadata))
     outputs = []
     for number, first in enumerate(range(0, len(ppg_windows), config.batch_size)):
         batch = make_batch(ppg_windows[first:first + config.batch_size], age=age, sex=sex)
+        if upstrokes is not None:
+            batch["upstrokes"] = torch.from_numpy(np.ascontiguousarray(upstrokes[first:first + config.batch_size]))
         if templates is not None:
             chunk = templates[0][first:first + config.batch_size]
             batch["template"] = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
@@ -148,6 +153,18 @@ def ecg_scale(config: TranslateConfig, metadata: dict[str, Any]) -> float:
     return float(metadata.get("preprocessing", {}).get("ecg_scale_mv", DEFAULT_ECG_SCALE_MV))
 
 
+def window_upstrokes(ppg: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """(k, K) upstrokes of the whole conditioned PPG relative to each window, as ingest stores them."""
+    import pyarrow as pa
+
+    from p2es_dist.data.batches import upstroke_array
+
+    found = timing.ppg_upstrokes(ppg)
+    before, after = timing.upstroke_margin()
+    rows = [(found[(found >= s - before) & (found < s + WINDOW + after)] - s).tolist() for s in starts]
+    return upstroke_array(pa.array(rows, pa.list_(pa.int32())))
+
+
 def calibration_templates(profile: CalibrationProfile, ppg: np.ndarray,
                           starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The profile's template for the whole conditioned PPG, cut into model-space windows, and its mask.
@@ -155,7 +172,7 @@ def calibration_templates(profile: CalibrationProfile, ppg: np.ndarray,
     Rendered once over the whole signal, as ingest does, so beats whose pulse lies past a window's end
     still reach into it.
     """
-    full, mask = profile.template(timing.ppg_upstrokes(ppg), len(ppg))
+    full, mask = profile.template(timing.ppg_upstrokes(ppg), len(ppg))  # the upstrokes of the whole signal
     windows = np.stack([full[:, start:start + WINDOW] for start in starts])
     return timing.normalise_template(windows, np.broadcast_to(mask, (len(starts), N_LEADS))), mask
 
@@ -179,7 +196,8 @@ def translate_signal(loaded: LoadedModel, signal: PPGSignal, *, config: Translat
     sex = config.sex if config.sex is not None else signal.sex
     templates = None if calibration is None else calibration_templates(calibration, ppg, starts)
     with torch.inference_mode():
-        generated = generate_windows(loaded, windows, config=config, age=age, sex=sex, templates=templates)
+        generated = generate_windows(loaded, windows, config=config, age=age, sex=sex, templates=templates,
+                                     upstrokes=window_upstrokes(ppg, starts))
     scale = ecg_scale(config, loaded.metadata)
     if calibration is not None and config.ecg_scale_mv is None and calibration.units == "mV":
         scale = max(float(np.abs(beat).max()) for beat in calibration.beat.values())
@@ -264,7 +282,7 @@ def calibration_end_s(calibration: CalibrationProfile | None, input: str) -> flo
 def recorded_agreement(recorded: tuple[dict, dict] | None, ecg_mv: np.ndarray, *, from_s: float | None) -> dict | None:
     """When the input also records lead II: Pearson of the generated lead II with it, per 1024-sample window
     (hop 512), from `from_s` (the end of the calibration segment when it came from this file) on."""
-    from p2es_dist.evaluate.metrics import pointwise_errors
+    from p2es_dist.evaluate.metrics import as_number, nanmean, pointwise_errors
 
     if recorded is None or "II" not in recorded[0]:
         return None
@@ -280,8 +298,9 @@ def recorded_agreement(recorded: tuple[dict, dict] | None, ecg_mv: np.ndarray, *
     errors = pointwise_errors(target, generated, np.ones((len(starts), 1), dtype=bool))
     return {"lead": "II", "n_windows": len(starts), "from_s": first / FS,
             "scored": "after the calibration segment" if same_file else "the whole record",
-            "pearson": float(np.nanmean(errors["pearson"])), "pearson_lag": float(np.nanmean(errors["pearson_lag"])),
-            "lag_ms_median": float(np.nanmedian(errors["lag_ms"]))}
+            # None where the generated lead is flat (Pearson undefined in every window).
+            "pearson": as_number(nanmean(errors["pearson"].reshape(1, -1), axis=1)[0]),
+            "pearson_lag": as_number(nanmean(errors["pearson_lag"].reshape(1, -1), axis=1)[0])}
 
 
 def translate_file(*, model: str, input: str, out: str, column: str | None = None, fs: float | None = None,

@@ -61,6 +61,9 @@ class ConditioningConfig:
     template_dropout: float = 0.5  # training only: fraction of windows whose template is hidden (zero-shot)
     # With use_template: predict a correction to the template instead of the ECG (P2Es: x0 objective only).
     template_residual: bool = True
+    # The training population's calibration profile (data/calibration.py JSON), filled in by the trainer:
+    # windows without the patient's template get the population's beat at their PPG upstrokes instead.
+    population: dict = field(default_factory=dict)
     # `ppg_encoder: foundation` (p2es_dist/models/p2es/foundation.py): the pretrained encoder's `model:`
     # section (architecture, kept in every checkpoint), its checkpoint URI (weights, read only when
     # reachable at construction) and whether it stays frozen.
@@ -177,6 +180,8 @@ class Conditioner(nn.Module):
             # The same layout for the calibration template: its 12 leads, then 12 "has this lead" flags.
             self.template_to_seq = nn.Conv1d(2 * N_LEADS, config.cond_channels, 7, padding=3)
             self.template_to_vec = nn.Linear(N_LEADS, embed_dim)
+            # Whose template: the patient's (calibrated) or the training population's (zero-shot).
+            self.template_kind = nn.Embedding(2, embed_dim)
         self.age = nn.Embedding(N_AGE_BUCKETS + 1, embed_dim)
         self.sex = nn.Embedding(3, embed_dim)
 
@@ -204,5 +209,7 @@ class Conditioner(nn.Module):
             flags = has[:, :, None].to(seq.dtype).expand(-1, -1, length)
             seq = seq + self.template_to_seq(torch.cat([template, flags], dim=1))
             vec = vec + self.template_to_vec(has.to(vec.dtype))
+            if "template_calibrated" in batch:
+                vec = vec + self.template_kind(batch["template_calibrated"].long())
         vec = vec + self.age(age_bucket(batch["age"])) + self.sex(sex_index(batch["sex"]))
         return Context(seq=seq, vec=vec)

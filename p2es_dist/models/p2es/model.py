@@ -13,6 +13,7 @@ from p2es_dist.constants import N_LEADS, WINDOW
 from p2es_dist.models.base import (
     Batch,
     GenerationOptions,
+    PopulationTemplate,
     TranslationModel,
     condition_leads,
     hide_templates,
@@ -88,6 +89,7 @@ class P2Es(TranslationModel):
             inverse_blur_init=config.objective == "x0",
         )
         self.register_buffer("identity_affinity", torch.eye(N_LEADS), persistent=False)
+        self.population = PopulationTemplate(config.population if config.use_template else None)
 
     # --- lead spaces ------------------------------------------------------------------------------
     def to_12_leads(self, generated: Tensor) -> Tensor:
@@ -155,8 +157,10 @@ class P2Es(TranslationModel):
 
     def loss(self, batch: Batch, *, t: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Masked diffusion loss (+ contrastive). `t` (B,) overrides the uniform draw of timesteps."""
-        if self.config.use_template and self.training:
-            batch = hide_templates(batch, self.config.template_dropout)
+        if self.config.use_template:
+            if self.training:
+                batch = hide_templates(batch, self.config.template_dropout)
+            batch = self.population.fill(batch)
         ecg, recorded = batch["ecg"].float(), batch["ecg_mask"].bool()
         ecg = torch.where(recorded[:, :, None], ecg, torch.zeros_like(ecg))
         batch_size = len(ecg)
@@ -215,6 +219,8 @@ class P2Es(TranslationModel):
         options = self.generation_options(options)
         sampler, steps, seed, n_samples = options.sampler, options.steps, options.seed, options.n_samples
         grid = self.schedule.sampling_timesteps(steps)
+        if self.config.use_template:
+            batch = self.population.fill(batch)
         context, affinity, _ = self.condition(batch, condition_leads(batch))
         prior = self.template_prior(batch)
         batch_size, length = batch["ecg_mask"].shape[0], batch["ppg"].shape[-1]
