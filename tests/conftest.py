@@ -82,8 +82,13 @@ def data_root() -> Path:
     return require_data()
 
 
-def bidmc_windows_table(n_windows: int = 32, records: tuple[str, ...] = ("bidmc_01", "bidmc_02")):
-    """Real BIDMC windows through the ingest path (reader -> preprocessing -> shard table)."""
+def bidmc_windows_table(n_windows: int = 32, records: tuple[str, ...] = ("bidmc_01", "bidmc_02"), *,
+                        all_leads: bool = False):
+    """Real BIDMC windows through the ingest path (reader -> preprocessing -> shard table).
+
+    Ingest keeps lead II alone (BIDMC scaled each lead on its own); `all_leads` keeps II and aVR anyway,
+    for tests of mechanics that need a second recorded lead (e.g. scoring the leads not given as input).
+    """
     from p2es_dist.data.ingest_core import record_to_table
     from p2es_dist.data.preprocess import PreprocessConfig
     from p2es_dist.data.sources import bidmc
@@ -93,6 +98,7 @@ def bidmc_windows_table(n_windows: int = 32, records: tuple[str, ...] = ("bidmc_
     tables = []
     for name in records:
         record = bidmc.read_record(root, f"bidmc_csv/{name}")
+        record.leads_scaled_separately = not all_leads
         table, _ = record_to_table(record, PreprocessConfig())
         tables.append(table.slice(0, per_record))
     import pyarrow as pa

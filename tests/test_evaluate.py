@@ -52,7 +52,7 @@ def _save_checkpoint(folder: Path, model_section: dict, *, seed: int = 0, prepar
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("evaluate")
-    table = bidmc_windows_table(PER_RECORD * len(RECORDS), records=tuple(RECORDS))
+    table = bidmc_windows_table(PER_RECORD * len(RECORDS), records=tuple(RECORDS), all_leads=True)
     keys = table.column("record").to_pylist()
     table = table.set_column(table.schema.get_field_index("split"), "split",
                              pa.array([RECORDS[k][0] for k in keys], pa.string()))

@@ -120,7 +120,7 @@ def test_bootstrap_resamples_subjects_not_windows() -> None:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """32 BIDMC windows of two subjects: even rows train, odd rows test; bidmc_01 labelled MI, bidmc_02 NORM."""
-    table = bidmc_windows_table(32)
+    table = bidmc_windows_table(32, all_leads=True)  # II and aVR: reconstruction of aVR from II is scored
     folder = tmp_path_factory.mktemp("probe_shards")
     records = table.column("record").to_pylist()
     first = records[0]

@@ -48,7 +48,7 @@ def ray_pass(uris: list[str], batch_size: int, max_windows: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser("p2es bench data", "Ray Data -> torch vs bare pyarrow -> numpy on the same shards")
+    p = parser("p2es bench data", "Ray Data -> torch vs bare pyarrow -> numpy on the same shards", config=False)
     p.add_argument("--input", action="append", required=True, help="shard folder (repeatable)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-windows", type=int, default=50_000)

@@ -59,7 +59,7 @@ def student_onnx(model_uri: str, model: torch.nn.Module, scratch: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser("p2es bench infer", "student (ONNX Runtime) vs teacher sampler latency, one CPU thread")
+    p = parser("p2es bench infer", "student (ONNX Runtime) vs teacher sampler latency, one CPU thread", config=False)
     p.add_argument("--model", required=True, help="student bundle (with model.onnx) or student checkpoint")
     p.add_argument("--teacher", required=True, help="teacher checkpoint / bundle URI")
     p.add_argument("--windows", type=int, default=64, help="student windows per timed pass")

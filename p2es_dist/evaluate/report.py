@@ -104,6 +104,27 @@ def _fd_text(doc: dict) -> list[str]:
     return lines + [""]
 
 
+def _protocol(doc: dict) -> list[str]:
+    """The protocol, and in words whether the model beats the template baseline of that protocol."""
+    protocol = doc.get("protocol") or {}
+    if not protocol:
+        return []
+    lines = [f"## Protocol: {protocol['name']}", "", f"- scored: {protocol['scored']}"]
+    population = protocol.get("population")
+    if population:
+        lines.append(f"- population template: median beat ({', '.join(population['leads'])}) and median PAT "
+                     f"{population['pat_s'] * 1000:.0f} ms of {population['n_records']} records, "
+                     f"{population['source']}")
+    verdict = protocol.get("verdict")
+    if verdict:
+        beats = "beats" if verdict["beats_template"] else "does NOT beat"
+        lines.append(f"- **lead II: {doc['model']['name']} {beats} `{verdict['template']}`** (Pearson "
+                     f"{verdict['model_pearson_ii']:.3f} vs {verdict['template_pearson_ii']:.3f})")
+    elif population is None and protocol["name"] == "zero-shot":
+        lines.append("- no template baseline: the shards carry no beat timing (re-ingest with this version)")
+    return lines + [""]
+
+
 def render_report(doc: dict) -> str:
     data = doc["data"]
     condition = ", ".join(doc["condition"]) if doc.get("condition") else None
@@ -120,6 +141,7 @@ def render_report(doc: dict) -> str:
         f"- heart rate: {doc['hr_method']['detector']}, {doc['hr_method']['rate']}; windows with fewer than "
         f"{doc['hr_method']['min_peaks']} R-peaks in either ECG are excluded and counted",
         f"- intervals: 95 % percentile bootstrap over subjects ({doc['bootstrap']['n']} replicates)", "",
+        *_protocol(doc),
         "## Model vs baselines (same windows)", "", *_comparison(doc),
         "## Per lead", "", *_per_lead(doc),
         "## Breakdown", "", *_breakdown(doc),

@@ -246,7 +246,7 @@ def summarise(run: ModelRun, reference: Reference, config: EvalConfig) -> dict:
     fd, fd_note = fid_section(run, reference)
     section: dict[str, Any] = {
         "model": model_info(run.loaded), "generation": run.generation, "spaces": spaces,
-        "hr_mae_bpm": hr["mae_bpm"], "hr": hr, "fd": fd,
+        "hr_mae_bpm": hr["mae_bpm"], "hr_windows": hr["n_windows"], "hr": hr, "fd": fd,
         "fd_info": {"note": fd_note, "n": n if fd is not None else 0,
                     "dim": int(run.features.shape[1]) if run.features is not None else None},
         "diagnostic": None, "breakdown": breakdown(run, reference),

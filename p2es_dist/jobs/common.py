@@ -23,11 +23,13 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
-def parser(prog: str, description: str) -> argparse.ArgumentParser:
+def parser(prog: str, description: str, *, config: bool = True) -> argparse.ArgumentParser:
+    """The shared arguments; `config=False` for commands that read no config (they must not offer one)."""
     p = _Parser(prog=prog, description=description)
-    p.add_argument("--config", help="YAML config (a path, or the name of one shipped in p2es_dist/configs)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, value parsed as YAML (repeatable), e.g. train.max_steps=40")
+    if config:
+        p.add_argument("--config", help="YAML config (a path, or the name of one shipped in p2es_dist/configs)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, value parsed as YAML (repeatable), e.g. train.max_steps=40")
     p.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
     p.add_argument("--out", help="folder for the job's summary files")
     return p
@@ -38,9 +40,9 @@ def apply_common(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(level=os.environ.get("P2ES_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
-    if args.config:
+    if getattr(args, "config", None):
         return load_config(args.config, args.overrides)
-    return apply_overrides({"_source": "--set"}, args.overrides)
+    return apply_overrides({"_source": "--set"}, getattr(args, "overrides", []))
 
 
 def connect_ray(*, num_cpus: int | None = None) -> bool:

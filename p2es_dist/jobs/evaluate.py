@@ -55,7 +55,8 @@ def _probe(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser("p2es evaluate", "signal fidelity, heart rate, fd and diagnostic value of a model on window shards")
+    p = parser("p2es evaluate", "signal fidelity, heart rate, fd and diagnostic value of a model on window shards",
+               config=False)
     p.add_argument("--model", help="checkpoint folder, job --out folder / result.json, or bundle")
     p.add_argument("--data", help="shard folder(s) with manifest.json, comma separated")
     p.add_argument("--baselines", help="name=URI[,name=URI...] evaluated on the same windows")
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     headline = {"metrics": f"{args.out}/metrics.json", "n_windows": doc["data"]["n_windows"],
                 "mse": doc["spaces"]["window"]["overall"]["mse"],
                 "pearson": doc["spaces"]["window"]["overall"]["pearson"], "hr_mae_bpm": doc["hr_mae_bpm"],
+                "hr_windows": doc["hr_windows"],
                 "protocol": doc["protocol"]["name"], "verdict": doc["protocol"]["verdict"],
                 "fd": doc["fd"], "baselines": sorted(doc["baselines"])}
     print(json.dumps(headline))

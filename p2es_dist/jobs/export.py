@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     from p2es_dist.export.bundle import KINDS
 
     p = parser("p2es export", "checkpoint -> publishable bundle: safetensors, config.json, MODEL_CARD.md, "
-                              "metrics.json (+ ONNX and TorchScript for students), SHA256SUMS")
+                              "metrics.json (+ ONNX and TorchScript for students), SHA256SUMS", config=False)
     for action in p._actions:  # the shared --out is a summary folder elsewhere; here it is the bundle itself
         if action.dest == "out":
             action.help, action.metavar = "the bundle folder to create (local path, file:// or s3://)", "DIR"

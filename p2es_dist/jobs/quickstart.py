@@ -51,7 +51,9 @@ def _train(uris: list[str], steps: int, out: Path) -> dict:
     from p2es_dist.train.trainer import run_training
 
     print(f"\ntraining the P2Es teacher for {steps} steps (Ray Train + DeepSpeed)...", flush=True)
-    result = run_training(load_config("smoke", _smoke_overrides(uris, steps)), out=str(out / "train"))
+    # The teacher takes calibration templates, so the demo can translate a103l zero-shot and calibrated.
+    overrides = [*_smoke_overrides(uris, steps), "model.use_template=true"]
+    result = run_training(load_config("smoke", overrides), out=str(out / "train"))
     return {"uri": result["checkpoint"], "val_x0_mse": result["val"].get("val_x0_mse"), "steps": result["steps"]}
 
 

@@ -23,7 +23,8 @@ _SEX = {"f": 0, "female": 0, "m": 1, "male": 1, "u": -1, "unknown": -1}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser("p2es translate", "PPG file (WFDB record or CSV) -> 12-lead WFDB record (PREFIX.hea + PREFIX.dat)")
+    p = parser("p2es translate", "PPG file (WFDB record or CSV) -> 12-lead WFDB record (PREFIX.hea + PREFIX.dat)",
+               config=False)
     for action in p._actions:  # the shared --out means a folder elsewhere; here it is a record prefix
         if action.dest == "out":
             action.help, action.metavar = "output record, written as PREFIX.hea + PREFIX.dat (125 Hz, mV)", "PREFIX"
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hop", type=int, default=WINDOW // 2,
                    help=f"samples at {FS} Hz between {WINDOW}-sample windows (default {WINDOW // 2})")
     p.add_argument("--seed", type=int, default=0, help="seed of stochastic models (default 0)")
+    p.add_argument("--steps", type=int, help="sampling steps of stochastic models (default: the bundle's or model's)")
     p.add_argument("--age", type=float, help="age in years (default: the WFDB header's, else unknown)")
     p.add_argument("--sex", type=str.lower, choices=sorted(_SEX), help="sex (default: the WFDB header's, else unknown)")
     p.add_argument("--ecg-scale-mv", type=float,
@@ -57,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     apply_common(args)
     from p2es_dist.translate.run import TranslateConfig, translate_file
 
-    config = TranslateConfig(hop=args.hop, seed=args.seed, batch_size=args.batch_size,
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps: expected a positive number, got {args.steps}")
+    config = TranslateConfig(hop=args.hop, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                              ecg_scale_mv=args.ecg_scale_mv, age=args.age,
                              sex=None if args.sex is None else _SEX[args.sex])
     summary = translate_file(model=args.model, input=args.input, out=args.out, column=args.column, fs=args.fs,

@@ -47,6 +47,7 @@ PNG_SECONDS = 10.0  # the span of a standard 12-lead printout
 class TranslateConfig:
     hop: int = WINDOW // 2  # samples between window starts at 125 Hz
     seed: int = 0
+    steps: int | None = None  # stochastic models: sampling steps (None: the bundle's, else the model's)
     batch_size: int = 16
     ecg_scale_mv: float | None = None  # mV per model-space unit; None: the bundle's, else 1.0
     age: float | None = None  # None: from the input's header when it states one
@@ -132,6 +133,9 @@ def generate_windows(loaded: LoadedModel, ppg_windows: np.ndarray, *, config: Tr
     their training population's beat there when there is no calibration.
     """
     options = GenerationOptions.from_settings(stated_generation(loaded.model, loaded.metadata))
+    if config.steps is not None and loaded.model.stochastic:
+        options = GenerationOptions(seed=options.seed, sampler=options.sampler, steps=config.steps,
+                                    n_samples=options.n_samples)
     outputs = []
     for number, first in enumerate(range(0, len(ppg_windows), config.batch_size)):
         batch = make_batch(ppg_windows[first:first + config.batch_size], age=age, sex=sex)
