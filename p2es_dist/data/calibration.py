@@ -170,7 +170,8 @@ def population_profile(profiles: list[CalibrationProfile], *, min_records: int =
 
 
 def population_from_shards(uris: list[str]) -> CalibrationProfile | None:
-    """The population profile of the `train` split of shard folders: one calibration per record."""
+    """The population profile of the `train` split of shard folders: one calibration per record (per subject
+    in shards without a `record` column, such as distillation's teacher outputs)."""
     import pyarrow as pa
     import pyarrow.dataset as ds
 
@@ -180,11 +181,12 @@ def population_from_shards(uris: list[str]) -> CalibrationProfile | None:
         return None
     filesystem, paths = shard_paths(uris)
     dataset = ds.dataset(paths, filesystem=filesystem, format="parquet")
+    key = "record" if "record" in dataset.schema.names else "subject_id"
     rows = (ds.field("split") == "train") & ds.field("calib_pat_s").is_valid()
-    table = dataset.to_table(columns=["record", "calib_pat_s", "calib_beat", "calib_beat_mask"], filter=rows)
+    table = dataset.to_table(columns=[key, "calib_pat_s", "calib_beat", "calib_beat_mask"], filter=rows)
     if len(table) == 0:
         return None
-    _, first = np.unique(np.asarray(table.column("record").to_pylist(), dtype=object), return_index=True)
+    _, first = np.unique(np.asarray(table.column(key).to_pylist(), dtype=object), return_index=True)
     table = table.take(pa.array(np.sort(first)))
     beats = table.column("calib_beat").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     beats = beats.astype(np.float32).reshape(len(table), N_LEADS, timing.BEAT_SAMPLES)
