@@ -49,16 +49,18 @@ def test_bidmc_ingest_manifest_matches_shards(ray_local, tmp_path):
     root = require_data("bidmc")
     output = str(tmp_path / "bidmc")
     manifest = run_ingest("bidmc", str(root), output, _config(records_per_task=8, shard_rows=1000))
-    assert manifest["n_records_ok"] == 43 and manifest["n_records_quarantined"] == 0
+    # Only lead II is kept (BIDMC scaled each lead on its own), and bidmc_32's lead II is clipped throughout.
+    assert manifest["n_records_ok"] == 42 and manifest["n_records_quarantined"] == 1
     assert sum(manifest["n_windows"].values()) == _read_rows(output) == sum(s["rows"] for s in manifest["shards"])
     assert all(s["rows"] <= 1000 for s in manifest["shards"])
-    assert sum(manifest["n_subjects"].values()) == 36
+    assert sum(manifest["n_subjects"].values()) == 35
     assert manifest["units"]["ecg"].startswith("normalised")
     by_split = assert_patient_disjoint(output)
     assert set(by_split) == {"train", "val", "test"}
     lines = [json.loads(x) for x in (tmp_path / "bidmc" / "quarantine.jsonl").read_text().splitlines()]
     assert lines and all({"record", "reason"} <= set(line) for line in lines)
-    assert manifest["n_windows_quarantined"] == len(lines)
+    assert manifest["n_windows_quarantined"] == sum("start" in line for line in lines)
+    assert [line["record"] for line in lines if "start" not in line] == ["bidmc_32"]
     # Row groups sized for streaming.
     first = uri_lib.join(output, manifest["shards"][0]["path"])
     assert pq.ParquetFile(first).metadata.row_group(0).num_rows <= 256

@@ -74,9 +74,11 @@ def shard_paths(uris: list[str]) -> tuple[pa.fs.FileSystem, list[str]]:
 
 def calibration_available(uris: list[str]) -> bool:
     """Whether every shard folder under `uris` carries beat timing and calibration (shard schema >= 2)."""
-    versions = [json.loads(uri_lib.read_text(uri_lib.join(u, "manifest.json"))).get("schema_version", 1)
-                for u in uris]
-    return bool(versions) and min(versions) >= 2
+    manifests = [uri_lib.join(u, "manifest.json") for u in uris]
+    if not manifests or not all(uri_lib.exists(m) for m in manifests):
+        return False  # `shard_paths` names the folder without a manifest
+    versions = [json.loads(uri_lib.read_text(m)).get("schema_version", 1) for m in manifests]
+    return min(versions) >= 2
 
 
 def read_windows(uris: list[str], *, split: str | None = None, min_quality: float = 0.0,
