@@ -45,11 +45,32 @@ def apply_common(args: argparse.Namespace) -> dict[str, Any]:
     return apply_overrides({"_source": "--set"}, getattr(args, "overrides", []))
 
 
+PROGRESS_ENV = "RAY_DATA_DISABLE_PROGRESS_BARS"
+
+
+def quiet_progress_when_logged() -> None:
+    """No Ray Data progress bars when stderr is not a terminal (`ray job submit`, `make demo > log`).
+
+    Redrawn bars become thousands of lines in a log file; the jobs print their own summaries. Set before
+    Ray starts so that local workers inherit it; `connect_ray` forwards it to a cluster's workers.
+    """
+    import sys
+
+    if sys.stderr.isatty():
+        return
+    os.environ.setdefault(PROGRESS_ENV, "1")
+    if os.environ[PROGRESS_ENV] == "1" and "ray.data" in sys.modules:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+
+
 def connect_ray(*, num_cpus: int | None = None) -> bool:
     """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it), else start a local Ray.
 
     Returns True when this call started Ray, so the caller knows it owns the shutdown.
     """
+    quiet_progress_when_logged()
     import ray
 
     if ray.is_initialized():
@@ -57,7 +78,8 @@ def connect_ray(*, num_cpus: int | None = None) -> bool:
     # Workers of a local Ray inherit this process's environment (credentials included). On a cluster the
     # endpoint is forwarded; credentials come from the nodes' own AWS chain and never travel in runtime_env,
     # which Ray shows in its job listings.
-    env_vars = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION") if k in os.environ}
+    env_vars = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", PROGRESS_ENV)
+                if k in os.environ}
     runtime_env = {"env_vars": env_vars} if env_vars else None
     address = os.environ.get("RAY_ADDRESS")
     if address:
