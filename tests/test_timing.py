@@ -159,7 +159,8 @@ def test_ingest_stores_upstrokes_and_calibration_and_templates_skip_the_calibrat
 
 
 def test_calibrated_protocol_scores_only_windows_after_the_segment_and_templates_know_the_answer():
-    from p2es_dist.evaluate.templates import scored_rows, template_renders, training_population
+    from p2es_dist.data.calibration import population_from_shards
+    from p2es_dist.evaluate.templates import scored_rows, template_renders
 
     table = _paired_table()
     scored = scored_rows(table, "calibrated")
@@ -177,7 +178,7 @@ def test_calibrated_protocol_scores_only_windows_after_the_segment_and_templates
     ii = LEAD_INDEX["II"]
     for name in ("template_population", "template_pat"):
         np.testing.assert_allclose(renders[name][:, ii], personal[:, ii], atol=2e-3)
-    assert training_population  # imported: reads shards, exercised in test_evaluate
+    assert population_from_shards  # imported: reads shards, exercised in test_evaluate
 
 
 def test_scored_rows_refuses_when_no_window_is_left():

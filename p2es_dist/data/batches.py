@@ -71,7 +71,7 @@ def table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
     if "ppg_upstrokes" in table.column_names:
         batch["upstrokes"] = upstroke_array(table.column("ppg_upstrokes"))
     if "calib_beat" in table.column_names:
-        batch["template"], batch["template_mask"] = calibration_templates(table)
+        batch["template"], batch["template_mask"] = calibration_templates(table, batch["upstrokes"])
         if "template_hidden" in table.column_names:  # distillation: the teacher answered without it
             hidden = table.column("template_hidden").to_numpy(zero_copy_only=False).astype(bool)
             batch["template_mask"] &= ~hidden[:, None]
@@ -81,9 +81,10 @@ def table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
     return batch
 
 
-def calibration_templates(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+def calibration_templates(table: pa.Table, upstrokes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(n, 12, L) float32 calibrated templates in model space and their (n, 12) bool masks.
 
+    `upstrokes`: the rows' `upstroke_array`.
     Each window's template is its record's calibration beat placed at the window's PPG upstrokes minus
     the record's PAT (`timing.template_from_upstrokes`), scaled to unit peak over its leads. Windows that
     start inside the calibration segment (`start < calib_end`) get none: a template made from a
@@ -96,13 +97,13 @@ def calibration_templates(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     pat = table.column("calib_pat_s").to_numpy(zero_copy_only=False).astype(np.float64)
     end = table.column("calib_end").to_numpy(zero_copy_only=False).astype(np.float64)
     start = table.column("start").to_numpy().astype(np.float64) if "start" in table.column_names else end * 0
-    upstrokes = table.column("ppg_upstrokes").to_pylist()
     usable = np.isfinite(pat) & np.isfinite(end) & (start >= np.nan_to_num(end, nan=np.inf))
-    usable &= np.array([u is not None and len(u) > 0 for u in upstrokes], dtype=bool)
+    usable &= upstrokes[:, 0] != timing.UPSTROKE_PAD
     templates = np.zeros((n, N_LEADS, WINDOW), dtype=np.float32)
     mask = beat_mask & usable[:, None]
     for i in np.flatnonzero(mask.any(axis=1)):
-        templates[i] = timing.template_from_upstrokes(beats[i], np.asarray(upstrokes[i]), pat[i], WINDOW)
+        # Padding lies past any window, so rendering leaves it out.
+        templates[i] = timing.template_from_upstrokes(beats[i], upstrokes[i], pat[i], WINDOW)
     return timing.normalise_template(templates, mask) * mask[:, :, None], mask
 
 
@@ -111,10 +112,15 @@ MAX_UPSTROKES = 48  # per window with its margins (~10 s): 4.8 pulses/s would be
 
 def upstroke_array(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """list<int32> upstrokes per window -> (n, MAX_UPSTROKES) int32, padded with `timing.UPSTROKE_PAD`."""
-    rows = column.to_pylist()
-    out = np.full((len(rows), MAX_UPSTROKES), timing.UPSTROKE_PAD, dtype=np.int32)
-    for i, values in enumerate(rows):
-        if values:
-            values = values[:MAX_UPSTROKES]
-            out[i, : len(values)] = values
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    out = np.full((len(column), MAX_UPSTROKES), timing.UPSTROKE_PAD, dtype=np.int32)
+    # Null rows (no PPG) have zero length, so the offsets place every value without per-row Python.
+    offsets = column.offsets.to_numpy()
+    lengths = np.diff(offsets)
+    rows = np.repeat(np.arange(len(column)), lengths)
+    position = np.arange(offsets[-1] - offsets[0]) - np.repeat(offsets[:-1] - offsets[0], lengths)
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    keep = position < MAX_UPSTROKES
+    out[rows[keep], position[keep]] = values[keep]
     return out

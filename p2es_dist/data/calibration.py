@@ -30,8 +30,6 @@ from p2es_dist.errors import UserError
 FORMAT = "p2es-calibration"
 VERSION = 1
 MIN_BEATS = 10  # fewer matched beats than this give no profile: PAT and beat would be guesses
-# Which lead finds the R-peaks, in order of preference: II is what single-lead spot checks record.
-_PEAK_LEADS = ("II", "I", "V5", "V2", "aVF", "III", "V1", "V6", "V4", "V3", "aVL", "aVR")
 
 
 @dataclass
@@ -117,12 +115,12 @@ def estimate_profile(ecg: dict[str, np.ndarray], ppg: np.ndarray, *, valid: dict
     """Profile from the first `seconds` of preprocessed 125 Hz signals; None when they cannot give one.
 
     `ecg` maps lead names to signals, `valid` to per-sample validity (default: all valid). R-peaks come
-    from the first lead of `_PEAK_LEADS` the record has; each lead's beat is the median over the R-peaks
+    from `timing.peak_lead`; each lead's beat is the median over the R-peaks
     whose whole beat lies in valid samples of the segment. PPG upstrokes are searched up to 1 s past the
     segment so the segment's last beats still find their pulse; no ECG sample past it is read.
     """
     end = int(round(seconds * FS))
-    peak_lead = next((name for name in _PEAK_LEADS if name in ecg), None)
+    peak_lead = timing.peak_lead(ecg)
     if peak_lead is None or len(ppg) < end:
         return None
     lead_valid = (valid or {}).get(peak_lead)

@@ -246,11 +246,7 @@ def _beat_timing(record: Record, leads: dict[int, tuple[np.ndarray, np.ndarray]]
     ppg_valid = ppg_reason == 0
     upstrokes = timing.ppg_upstrokes(np.where(ppg_valid, ppg_signal, 0.0))
     upstrokes = upstrokes[ppg_valid[upstrokes]]
-    before, after = timing.upstroke_margin()
-    per_window = []
-    for start in starts:
-        lo, hi = np.searchsorted(upstrokes, [start - before, start + WINDOW + after])
-        per_window.append((upstrokes[lo:hi] - start).astype(np.int32))
+    per_window = timing.upstrokes_per_window(upstrokes, starts, WINDOW)
     if not leads:
         return _BeatTiming(np.full(n, np.nan), per_window, None, 0)
     named = {LEADS[i]: signal for i, (signal, _) in leads.items()}
@@ -259,7 +255,7 @@ def _beat_timing(record: Record, leads: dict[int, tuple[np.ndarray, np.ndarray]]
     calibration = estimate_profile(named, ppg_signal, valid=valid, ppg_valid=ppg_valid,
                                    seconds=config.calibration_s, units=record.ecg_units, source=record.record)
     agreement = np.full(n, np.nan)
-    peak_lead = next((name for name in ("II", "I", "V5") if name in named), next(iter(named)))
+    peak_lead = timing.peak_lead(named)
     peaks = timing.r_peaks(np.where(valid[peak_lead], named[peak_lead], 0.0))
     peaks = peaks[valid[peak_lead][peaks]]
     arrival = timing.pulse_arrival(peaks, upstrokes)

@@ -25,8 +25,15 @@ BEAT_POST = 62  # samples from the R-peak on (0.5 s: QRS and T wave)
 BEAT_SAMPLES = BEAT_PRE + BEAT_POST
 PAT_RANGE_S = (0.15, 1.5)  # pulse arrival times searched for (ICU monitors add up to ~0.6 s of PPG latency)
 UPSTROKE_PAD = 2**30  # pads fixed-width upstroke arrays (batch key `upstrokes`): past any window
+# Which lead finds the R-peaks, in order of preference: II is what single-lead spot checks record.
+PEAK_LEADS = ("II", "I", "V5", "V2", "aVF", "III", "V1", "V6", "V4", "V3", "aVL", "aVR")
 _UPSTROKE_SEARCH_S = 0.3
 _MATCH_TOLERANCE_S = 0.1  # an upstroke this close to R + PAT belongs to that R
+
+
+def peak_lead(leads) -> str | None:
+    """The lead of `leads` (names) whose R-peaks a record's beat timing is measured on."""
+    return next((name for name in PEAK_LEADS if name in leads), None)
 
 
 def r_peaks(lead: np.ndarray, fs: float = FS) -> np.ndarray:
@@ -183,8 +190,16 @@ def upstroke_margin() -> tuple[int, int]:
     return BEAT_POST, BEAT_PRE + int(round(PAT_RANGE_S[1] * FS))
 
 
+def upstrokes_per_window(upstrokes: np.ndarray, starts: np.ndarray, window: int) -> list[np.ndarray]:
+    """The sorted upstrokes of a whole signal, per window relative to its start, margins included
+    (`upstroke_margin`): what ingest stores and translate hands the models."""
+    before, after = upstroke_margin()
+    bounds = np.searchsorted(upstrokes, np.stack([starts - before, starts + window + after], axis=1))
+    return [(upstrokes[lo:hi] - start).astype(np.int32) for (lo, hi), start in zip(bounds, starts, strict=True)]
+
+
 __all__ = [
     "BEAT_POST", "BEAT_PRE", "BEAT_SAMPLES", "PulseArrival", "beat_agreement", "beat_template",
-    "normalise_template", "ppg_upstrokes", "pulse_arrival", "r_peaks", "render_template",
-    "template_from_upstrokes", "upstroke_margin",
+    "normalise_template", "peak_lead", "ppg_upstrokes", "pulse_arrival", "r_peaks", "render_template",
+    "template_from_upstrokes", "upstroke_margin", "upstrokes_per_window",
 ]

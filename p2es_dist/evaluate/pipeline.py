@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from p2es_dist import __version__
 from p2es_dist.constants import SCHEMA_VERSION
+from p2es_dist.data.calibration import population_from_shards
 from p2es_dist.errors import UserError
 from p2es_dist.evaluate import figures, metrics, templates
 from p2es_dist.evaluate.diagnostic import diagnostic_summary
@@ -131,7 +132,7 @@ def run_evaluation(*, model_uri: str, config: EvalConfig, out: str | Path, basel
     if config.protocol != "zero-shot" or with_templates:
         templates.check_protocol(config.data, config.protocol, config.calibration_s)
         table = templates.scored_rows(table, config.protocol)
-        config.population = templates.training_population(config.data)
+        config.population = population_from_shards(config.data)
         loaded.update(templates.template_baselines(config.protocol, config.population))
     log.info("evaluating %d windows of split %s (%s protocol)", len(table), config.split, config.protocol)
     reference = compute_reference(table, config, classifier=classifier, encoder=encoder)

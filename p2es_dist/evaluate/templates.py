@@ -28,7 +28,7 @@ import torch
 
 from p2es_dist.constants import LEADS, N_LEADS, WINDOW
 from p2es_dist.data import timing
-from p2es_dist.data.calibration import CalibrationProfile, population_from_shards
+from p2es_dist.data.calibration import CalibrationProfile
 from p2es_dist.data.loader import calibration_available
 from p2es_dist.errors import UserError
 from p2es_dist.models.base import GenerationOptions, TranslationModel
@@ -55,11 +55,6 @@ def check_protocol(uris: list[str], protocol: str, calibration_s: float) -> None
             raise UserError(f"--calibration-seconds {calibration_s:g}: {folder} was ingested with "
                             f"preprocess.calibration_s={stored}; re-ingest with --set preprocess.calibration_s="
                             f"{calibration_s:g} or pass --calibration-seconds {stored}")
-
-
-def training_population(uris: list[str]) -> CalibrationProfile | None:
-    """The population profile (median beat per lead and median PAT) of the train split's records."""
-    return population_from_shards(uris)
 
 
 def scored_rows(table: pa.Table, protocol: str) -> pa.Table:
@@ -146,4 +141,4 @@ def lead_ii_verdict(sections: dict[str, dict], model: str, protocol: str) -> dic
 
 
 __all__ = ["PROTOCOLS", "TemplateBaseline", "check_protocol", "lead_ii_verdict", "scored_rows",
-           "template_baselines", "template_renders", "training_population"]
+           "template_baselines", "template_renders"]

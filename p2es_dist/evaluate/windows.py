@@ -27,6 +27,7 @@ from p2es_dist.constants import LEADS, SPLITS
 from p2es_dist.data.loader import calibration_available, convert_block, shard_paths
 from p2es_dist.data.schema import CALIBRATION_COLUMNS
 from p2es_dist.errors import UserError
+from p2es_dist.evaluate.templates import template_renders
 
 EVAL_COLUMNS = ["window_id", "subject_id", "split", "ppg", "ecg", "ecg_mask", "age", "sex", "labels"]
 
@@ -83,8 +84,6 @@ def iter_batches(table: pa.Table, *, batch_size: int, condition: list[str] | Non
     the calibrated one they get the patient's. Template baselines' renders ride along when the shards
     carry beat timing (`evaluate/templates.py`).
     """
-    from p2es_dist.evaluate.templates import template_renders
-
     stop = len(table) if stop is None else stop
     for lo in range(start, stop, batch_size):
         rows = table.slice(lo, min(batch_size, stop - lo))
@@ -95,10 +94,8 @@ def iter_batches(table: pa.Table, *, batch_size: int, condition: list[str] | Non
         if "template" in batch:
             batch.update(template_renders(rows, population, protocol))
             if protocol == "zero-shot":
-                batch["personal_template"] = batch["template"]  # kept for nothing but figures
                 batch["template_mask"] = np.zeros_like(batch["template_mask"])
                 batch["template"] = np.zeros_like(batch["template"])
-                del batch["personal_template"]
         yield lo, batch
 
 

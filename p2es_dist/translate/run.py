@@ -157,26 +157,25 @@ def ecg_scale(config: TranslateConfig, metadata: dict[str, Any]) -> float:
     return float(metadata.get("preprocessing", {}).get("ecg_scale_mv", DEFAULT_ECG_SCALE_MV))
 
 
-def window_upstrokes(ppg: np.ndarray, starts: np.ndarray) -> np.ndarray:
+def window_upstrokes(upstrokes: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """(k, K) upstrokes of the whole conditioned PPG relative to each window, as ingest stores them."""
     import pyarrow as pa
 
     from p2es_dist.data.batches import upstroke_array
 
-    found = timing.ppg_upstrokes(ppg)
-    before, after = timing.upstroke_margin()
-    rows = [(found[(found >= s - before) & (found < s + WINDOW + after)] - s).tolist() for s in starts]
-    return upstroke_array(pa.array(rows, pa.list_(pa.int32())))
+    rows = timing.upstrokes_per_window(upstrokes, starts, WINDOW)
+    return upstroke_array(pa.array([row.tolist() for row in rows], pa.list_(pa.int32())))
 
 
-def calibration_templates(profile: CalibrationProfile, ppg: np.ndarray,
+def calibration_templates(profile: CalibrationProfile, upstrokes: np.ndarray, length: int,
                           starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The profile's template for the whole conditioned PPG, cut into model-space windows, and its mask.
+    """The profile's template for the whole conditioned PPG (its `upstrokes`, `length` samples), cut into
+    model-space windows, and its mask.
 
     Rendered once over the whole signal, as ingest does, so beats whose pulse lies past a window's end
     still reach into it.
     """
-    full, mask = profile.template(timing.ppg_upstrokes(ppg), len(ppg))  # the upstrokes of the whole signal
+    full, mask = profile.template(upstrokes, length)
     windows = np.stack([full[:, start:start + WINDOW] for start in starts])
     return timing.normalise_template(windows, np.broadcast_to(mask, (len(starts), N_LEADS))), mask
 
@@ -198,10 +197,11 @@ def translate_signal(loaded: LoadedModel, signal: PPGSignal, *, config: Translat
     windows = ppg_to_model_space(cut_windows(ppg, starts, WINDOW))
     age = config.age if config.age is not None else signal.age
     sex = config.sex if config.sex is not None else signal.sex
-    templates = None if calibration is None else calibration_templates(calibration, ppg, starts)
+    upstrokes = timing.ppg_upstrokes(ppg)  # once, on the whole signal
+    templates = None if calibration is None else calibration_templates(calibration, upstrokes, len(ppg), starts)
     with torch.inference_mode():
         generated = generate_windows(loaded, windows, config=config, age=age, sex=sex, templates=templates,
-                                     upstrokes=window_upstrokes(ppg, starts))
+                                     upstrokes=window_upstrokes(upstrokes, starts))
     scale = ecg_scale(config, loaded.metadata)
     if calibration is not None and config.ecg_scale_mv is None and calibration.units == "mV":
         scale = max(float(np.abs(beat).max()) for beat in calibration.beat.values())

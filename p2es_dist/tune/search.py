@@ -168,6 +168,10 @@ def run_search(space: SearchSpace | str | os.PathLike, base_config: dict[str, An
         space = load_space(space)
     if validate:
         validate_space(space, base_config)
+    from p2es_dist.train.trainer import with_population
+
+    # Once for the search, not in every trial (each would read the training shards again).
+    base_config = with_population(base_config)
     settings = space.settings
     storage_root = _storage_root(base_config)
     name = name or f"tune-{Path(space.source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
