@@ -68,13 +68,15 @@ def ray_local(s3_store):
     """One local Ray runtime for the whole session (starting Ray costs seconds).
 
     It depends on the object store so that the S3 endpoint and credentials are in the environment
-    before Ray starts: its worker processes inherit the environment of that moment.
+    before Ray starts: its worker processes inherit the environment of that moment. It is this session's
+    own instance, as the jobs start theirs (`start_local_ray`): RAY_ADDRESS names it while it runs, so
+    Ray's helpers never pick another Ray on the machine.
     """
-    import ray
+    from p2es_dist.jobs.common import start_local_ray, stop_local_ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, log_to_driver=False)
     yield
-    ray.shutdown()
+    stop_local_ray()
 
 
 @pytest.fixture(scope="session")

@@ -94,9 +94,13 @@ def test_quality_is_high_on_clean_and_low_on_noise():
     rng = np.random.default_rng(0)
     clean = make_windows(_record(seconds=30), PreprocessConfig())
     noisy_ecg = {"II": rng.normal(size=30 * 500)}
-    noisy = make_windows(_record(seconds=30, **noisy_ecg, ppg=rng.normal(size=30 * 500)), PreprocessConfig())
+    noisy_record = _record(seconds=30, **noisy_ecg, ppg=rng.normal(size=30 * 500))
+    noisy = make_windows(noisy_record, PreprocessConfig(min_quality=0.0))  # the index itself, nothing rejected
     assert clean.quality.min() > 0.8
     assert noisy.quality.max() < clean.quality.min()
+    # The default min_quality rejects windows of noise and says why.
+    rejected = make_windows(noisy_record, PreprocessConfig())
+    assert len(rejected.start) == 0 and all("below 0.10" in r["reason"] for r in rejected.rejected)
 
 
 @pytest.mark.real_data

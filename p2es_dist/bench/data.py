@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                     best[name] = (windows, elapsed)
     finally:
         if started:
-            import ray
+            from p2es_dist.jobs.common import stop_local_ray
 
-            ray.shutdown()
+            stop_local_ray()
     ray_rate = best["ray"][0] / best["ray"][1]
     arrow_rate = best["pyarrow"][0] / best["pyarrow"][1]
     print(json.dumps({"bench": "data", "windows": best["ray"][0], "ray_windows_per_s": round(ray_rate, 1),

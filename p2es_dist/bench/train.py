@@ -118,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         ray_rate = ray_deepspeed(job, batches, args.threads)
     finally:
         if started:
-            import ray
+            from p2es_dist.jobs.common import stop_local_ray
 
-            ray.shutdown()
+            stop_local_ray()
     print(json.dumps({"bench": "train", "workers": 1, "model": job.model["name"], "threads": args.threads,
                       "ray_deepspeed_samples_per_s": round(ray_rate, 2), "torch_samples_per_s": round(torch_rate, 2),
                       "ratio": round(ray_rate / torch_rate, 3)}))

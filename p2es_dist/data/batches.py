@@ -12,6 +12,7 @@ from p2es_dist.constants import LABEL_INDEX, LABELS, N_LEADS, WINDOW
 from p2es_dist.data import timing
 from p2es_dist.data.normalize import ecg_to_model_space, ppg_to_model_space
 from p2es_dist.data.splits import subject_hash
+from p2es_dist.errors import UserError
 
 
 def _fixed_list_to_numpy(column: pa.ChunkedArray | pa.Array, width: int, dtype=np.float32) -> np.ndarray:
@@ -48,12 +49,13 @@ def labels_multi_hot(labels: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
     """Shard rows -> model-space batch (ppg, ppg_mask, ecg, ecg_mask, age, sex, labels, subject, scale;
-    teacher_ecg when the shards carry it; template and template_mask when they carry calibration columns)."""
+    source, template and template_mask when they carry calibration columns; teacher_ecg when they carry it)."""
     ecg = _fixed_list_to_numpy(table.column("ecg"), N_LEADS * WINDOW).reshape(-1, N_LEADS, WINDOW)
     ecg_mask = _fixed_list_to_numpy(table.column("ecg_mask"), N_LEADS, dtype=bool)
     ppg_column = table.column("ppg")
     ppg_mask = ppg_column.is_valid().to_numpy(zero_copy_only=False) if len(table) else np.zeros(0, bool)
     ppg = _fixed_list_to_numpy(ppg_column, WINDOW)
+    refuse_non_finite(table, ecg, ppg)
     ecg_model, scale = ecg_to_model_space(ecg, ecg_mask)
     age = table.column("age").to_numpy(zero_copy_only=False)
     subjects = table.column("subject_id").to_pylist()
@@ -68,6 +70,9 @@ def table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
         "subject": np.array([subject_hash(s) for s in subjects], dtype=np.int64),
         "scale": scale,
     }
+    if "source" in table.column_names:
+        names, rows = np.unique(np.asarray(table.column("source").to_pylist(), dtype=object), return_inverse=True)
+        batch["source"] = np.array([subject_hash(name) for name in names], dtype=np.int64)[rows.reshape(-1)]
     if "ppg_upstrokes" in table.column_names:
         batch["upstrokes"] = upstroke_array(table.column("ppg_upstrokes"))
     if "calib_beat" in table.column_names:
@@ -79,6 +84,19 @@ def table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
         teacher = _fixed_list_to_numpy(table.column("teacher_ecg"), N_LEADS * WINDOW)
         batch["teacher_ecg"] = teacher.reshape(-1, N_LEADS, WINDOW)
     return batch
+
+
+def refuse_non_finite(table: pa.Table, ecg: np.ndarray, ppg: np.ndarray) -> None:
+    """UserError naming the first window (and its shard, when the rows carry Ray Data's `path`) whose ECG or
+    PPG holds NaN or inf: one such window makes every loss NaN, and a run would go on training on it."""
+    bad = ~np.isfinite(ecg).all(axis=(1, 2)) | ~np.isfinite(ppg).all(axis=1)
+    if not bad.any():
+        return
+    i = int(np.flatnonzero(bad)[0])
+    window = table.column("window_id")[i].as_py() if "window_id" in table.column_names else f"row {i}"
+    shard = f"shard {table.column('path')[i].as_py()}" if "path" in table.column_names else "its shard"
+    raise UserError(f"window {window} in {shard} holds NaN or inf samples ({int(bad.sum())} such windows in "
+                    "this batch); ingest its records again with this version, which turns them into gaps")
 
 
 def calibration_templates(table: pa.Table, upstrokes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -2,15 +2,20 @@
 
 Output layout under `--output`:
 
-    shards/<fingerprint>-t<task>-p<part>.parquet   bounded size, row groups sized for streaming
-    _work/<fingerprint>/task-<task>.json           a task's shards, quarantine lines and counts
+    shards/<fingerprint>-<task id>-p<part>.parquet bounded size, row groups sized for streaming
+    _work/<fingerprint>/task-<task id>.json        a task's records, shards, quarantine lines and counts
+    _work/<fingerprint>/inputs.json                record key -> content hash of the last run's input
+    _work/file_digests.json                        input file hashes by path, size and mtime (a cache)
     quarantine.jsonl                               one JSON object per rejected record or window
-    manifest.json                                  written last: what a reader may trust
+    manifest.json                                  written last, only by an ingest that succeeded
 
 Crash safety: a shard is one atomic write (a rename locally, a single PUT on S3) and only a finished
 task writes its marker, so a re-run redoes exactly the unfinished tasks. Readers go by the manifest,
 so a shard of an interrupted task is never seen. The fingerprint ties all of this to the config: an
-output folder never mixes two preprocessing settings.
+output folder never mixes two preprocessing settings. A task id hashes its records' keys and contents,
+so a record added, removed or changed since an earlier (interrupted or finished) run redoes the tasks
+it touches and no other; the manifest's `input_fingerprint` says which input set it describes.
+Recordings with the same content under two keys (a copy in another folder) are ingested once.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import pyarrow.parquet as pq
 from p2es_dist import __version__
 from p2es_dist.config import from_dict, section, to_dict
 from p2es_dist.constants import FS, SHARD_SCHEMA_VERSION, SPLITS, WINDOW
-from p2es_dist.data.ingest_core import ingest_record
+from p2es_dist.data.ingest_core import file_digests, ingest_record, record_digest, record_files
 from p2es_dist.data.preprocess import PreprocessConfig
 from p2es_dist.data.sources import READERS, RECORDS_PER_TASK, SOURCES, reader
 from p2es_dist.errors import UserError
@@ -66,6 +71,10 @@ class IngestPlan:
     fingerprint: str
     tasks: list[list[str]]  # record keys per task; for synthetic, one chunk index per task
     reader_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. ptbxl.resolution
+    records: dict[str, str] = dataclasses.field(default_factory=dict)  # every listed key -> content hash
+    duplicates: list[dict[str, str]] = dataclasses.field(default_factory=list)  # {"record", "same_as"}
+    task_ids: list[str] = dataclasses.field(default_factory=list)  # per task: hash of its keys and contents
+    input_fingerprint: str = ""  # hash of `records`: the input set
 
 
 def plan_ingest(source: str, input_uri: str | None, output_uri: str, config: dict[str, Any]) -> IngestPlan:
@@ -91,14 +100,48 @@ def plan_ingest(source: str, input_uri: str | None, output_uri: str, config: dic
         input_uri = str(root)
         reader_options = section(config, source)
         keys = _call_reader(source, "list_records", root, options=reader_options)
-        per_task = ingest.records_per_task or RECORDS_PER_TASK[source]
-        tasks = [keys[i : i + per_task] for i in range(0, len(keys), per_task)]
     identity = {"source": source, "input": input_uri, "preprocess": to_dict(preprocess),
                 "shard_rows": ingest.shard_rows, "reader": reader_options,
                 "synthetic": to_dict(synthetic) if synthetic else None, "schema_version": SHARD_SCHEMA_VERSION}
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    return IngestPlan(source, input_uri, output_uri, preprocess, ingest, synthetic, fingerprint, tasks,
-                      reader_options)
+    plan = IngestPlan(source, input_uri, output_uri, preprocess, ingest, synthetic, fingerprint, [], reader_options)
+    if source == "synthetic":
+        plan.tasks = tasks
+        plan.task_ids = [_digest([fingerprint, task]) for task in tasks]
+        plan.input_fingerprint = fingerprint
+        return plan
+    plan.records = _content_hashes(plan, keys)
+    first: dict[str, str] = {}
+    for key in keys:  # sorted, so the same copy is kept on every run
+        same_as = first.setdefault(plan.records[key], key)
+        if same_as != key:
+            plan.duplicates.append({"record": key, "same_as": same_as})
+    kept = [key for key in keys if first[plan.records[key]] == key]
+    per_task = ingest.records_per_task or RECORDS_PER_TASK[source]
+    plan.tasks = [kept[i : i + per_task] for i in range(0, len(kept), per_task)]
+    plan.task_ids = [_digest([fingerprint, [[key, plan.records[key]] for key in task]]) for task in plan.tasks]
+    plan.input_fingerprint = _digest(sorted(plan.records.items()))
+    return plan
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+
+def _content_hashes(plan: IngestPlan, keys: list[str]) -> dict[str, str]:
+    """Record key -> hash of the files it is read from; file hashes are cached in the output folder."""
+    cache_uri = uri_lib.join(plan.output_uri, "_work", "file_digests.json")
+    cache = json.loads(uri_lib.read_text(cache_uri)) if uri_lib.exists(cache_uri) else {}
+    before = json.dumps(cache, sort_keys=True)
+    root, listings = Path(plan.input_uri), {}
+    files = {key: record_files(plan.source, root, key, plan.reader_options, listings) for key in keys}
+    digests = file_digests([f for paths, _ in files.values() for f in paths], cache)
+    cache = {str(path): cache[str(path)] for path in digests}  # files no longer there leave the cache
+    if json.dumps(cache, sort_keys=True) != before:
+        if uri_lib.is_s3(plan.output_uri):
+            uri_lib.ensure_bucket(plan.output_uri)
+        uri_lib.write_text_atomic(cache_uri, json.dumps(cache))
+    return {key: record_digest(key, paths, inside, digests) for key, (paths, inside) in files.items()}
 
 
 def _call_reader(source: str, function: str, *args: Any, options: dict[str, Any] | None = None) -> Any:
@@ -121,7 +164,7 @@ def _write_shards(table: pa.Table, plan: IngestPlan, task_id: int) -> list[dict]
         pq.write_table(chunk, buffer, row_group_size=plan.ingest.row_group_rows,
                        compression=plan.ingest.compression, use_dictionary=DICTIONARY_COLUMNS)
         data = buffer.getvalue()
-        relative = f"shards/{plan.fingerprint}-t{task_id:06d}-p{part:03d}.parquet"
+        relative = f"shards/{plan.fingerprint}-{plan.task_ids[task_id]}-p{part:03d}.parquet"
         uri_lib.write_bytes_atomic(uri_lib.join(plan.output_uri, relative), data)
         shards.append({"path": relative, "rows": chunk.num_rows, "sha256": hashlib.sha256(data).hexdigest()})
     return shards
@@ -154,7 +197,9 @@ def run_task(plan: IngestPlan, task_id: int) -> dict:
         mask = pc.equal(table.column("split"), split)
         subset = table.filter(mask).column("subject_id")
         counts[split] = {"n_windows": len(subset), "subjects": sorted(set(subset.to_pylist()))}
-    marker = {"task": task_id, "fingerprint": plan.fingerprint, "shards": _write_shards(table, plan, task_id),
+    records = [[key, plan.records.get(key)] for key in plan.tasks[task_id]] if plan.records else plan.tasks[task_id]
+    marker = {"task": plan.task_ids[task_id], "fingerprint": plan.fingerprint, "records": records,
+              "shards": _write_shards(table, plan, task_id),
               "quarantine": quarantine, "n_records_ok": n_ok,
               "n_records_quarantined": len(plan.tasks[task_id]) - n_ok if plan.source != "synthetic" else 0,
               "splits": counts, "units": units}
@@ -163,17 +208,20 @@ def run_task(plan: IngestPlan, task_id: int) -> dict:
 
 
 def _marker_uri(plan: IngestPlan, task_id: int) -> str:
-    return uri_lib.join(plan.output_uri, "_work", plan.fingerprint, f"task-{task_id:06d}.json")
+    return uri_lib.join(plan.output_uri, "_work", plan.fingerprint, f"task-{plan.task_ids[task_id]}.json")
 
 
 def pending_tasks(plan: IngestPlan) -> list[int]:
+    """Tasks without a marker. Markers are named by task id (records and their contents), not position."""
     work = uri_lib.join(plan.output_uri, "_work", plan.fingerprint)
     done = {Path(p).name for p in uri_lib.ls(work, suffix=".json", missing_ok=True)}
-    return [i for i in range(len(plan.tasks)) if f"task-{i:06d}.json" not in done]
+    return [i for i, task_id in enumerate(plan.task_ids) if f"task-{task_id}.json" not in done]
 
 
 def check_output(plan: IngestPlan) -> dict | None:
-    """The existing manifest when this exact ingest already finished; an error for a different one."""
+    """The existing manifest when this exact ingest of this input set already finished; an error for one
+    made with other settings. A manifest of another input set is removed: the run that replaces it writes
+    a new one only if it succeeds."""
     manifest_uri = uri_lib.join(plan.output_uri, "manifest.json")
     if not uri_lib.exists(manifest_uri):
         return None
@@ -181,7 +229,30 @@ def check_output(plan: IngestPlan) -> dict | None:
     if manifest.get("fingerprint") != plan.fingerprint:
         raise UserError(f"--output {plan.output_uri}: already holds a {manifest.get('source')} ingest made with "
                         "other settings; choose an empty --output")
-    return manifest
+    if manifest.get("input_fingerprint") == plan.input_fingerprint:
+        return manifest
+    log.warning("--output %s: its manifest describes another set of input records; ingesting again",
+                plan.output_uri)
+    uri_lib.rm(manifest_uri)
+    return None
+
+
+def input_changes(plan: IngestPlan) -> dict[str, list[str]]:
+    """Records added, removed and changed since the last run into this output (interrupted or not); the
+    current input set becomes the one the next run compares with."""
+    inputs_uri = uri_lib.join(plan.output_uri, "_work", plan.fingerprint, "inputs.json")
+    previous = json.loads(uri_lib.read_text(inputs_uri)) if uri_lib.exists(inputs_uri) else None
+    uri_lib.write_text_atomic(inputs_uri, json.dumps(plan.records))
+    if previous is None:
+        return {}
+    return {"added": sorted(plan.records.keys() - previous.keys()),
+            "removed": sorted(previous.keys() - plan.records.keys()),
+            "changed": sorted(k for k in plan.records.keys() & previous.keys() if plan.records[k] != previous[k])}
+
+
+def _names(keys: list[str], limit: int = 5) -> str:
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
 
 
 def _subject_note(source: str) -> str | None:
@@ -190,6 +261,7 @@ def _subject_note(source: str) -> str | None:
 
 
 def write_manifest(plan: IngestPlan, config: dict[str, Any]) -> dict:
+    """quarantine.jsonl, then manifest.json; an ingest where every record failed writes no manifest."""
     markers = [json.loads(uri_lib.read_text(_marker_uri(plan, i))) for i in range(len(plan.tasks))]
     subjects = {split: set() for split in SPLITS}
     n_windows = dict.fromkeys(SPLITS, 0)
@@ -207,10 +279,12 @@ def write_manifest(plan: IngestPlan, config: dict[str, Any]) -> dict:
     manifest = {
         "schema_version": SHARD_SCHEMA_VERSION, "source": plan.source, "fs": FS, "window": WINDOW,
         "hop": plan.preprocess.hop, "units": units, "fingerprint": plan.fingerprint,
+        "input_fingerprint": plan.input_fingerprint,
         "n_windows": n_windows, "n_subjects": {s: len(subjects[s]) for s in SPLITS},
         "n_records_ok": sum(m["n_records_ok"] for m in markers),
         "n_records_quarantined": sum(m["n_records_quarantined"] for m in markers),
         "n_windows_quarantined": sum(1 for q in quarantine if "start" in q),
+        "duplicates": plan.duplicates,  # recordings also found under another key, ingested once as `same_as`
         "shards": [shard for m in markers for shard in m["shards"]],
         "config": {"preprocess": to_dict(plan.preprocess), "ingest": to_dict(plan.ingest),
                    **({"synthetic": to_dict(plan.synthetic)} if plan.synthetic else {}), "input": public_config},
@@ -221,6 +295,9 @@ def write_manifest(plan: IngestPlan, config: dict[str, Any]) -> dict:
         manifest["subjects_note"] = note
     lines = "".join(json.dumps(line) + "\n" for line in quarantine)
     uri_lib.write_text_atomic(uri_lib.join(plan.output_uri, "quarantine.jsonl"), lines)
+    if manifest["n_records_ok"] == 0:
+        raise UserError(f"ingest of {plan.input_uri}: every record failed; reasons in "
+                        f"{uri_lib.join(plan.output_uri, 'quarantine.jsonl')}")
     uri_lib.write_text_atomic(uri_lib.join(plan.output_uri, "manifest.json"), json.dumps(manifest, indent=2))
     return manifest
 
@@ -230,10 +307,17 @@ def run_ingest(source: str, input_uri: str | None, output_uri: str, config: dict
     import ray
     from tqdm.auto import tqdm
 
-    plan = plan_ingest(source, input_uri, output_uri, config)
     if uri_lib.is_s3(output_uri):
         uri_lib.ensure_bucket(output_uri)
+    plan = plan_ingest(source, input_uri, output_uri, config)
+    for duplicate in plan.duplicates:
+        log.warning("duplicate recording: %s has the same content as %s (under %s); ingested once, as %s",
+                    duplicate["record"], duplicate["same_as"], plan.input_uri, duplicate["same_as"])
     existing = check_output(plan)
+    changes = input_changes(plan) if plan.records else {}
+    if any(changes.values()):
+        log.warning("input changed since the last ingest into %s: %s", output_uri,
+                    "; ".join(f"{kind} {_names(keys)}" for kind, keys in changes.items() if keys))
     if existing is not None:
         log.info("ingest already complete at %s (%d windows); nothing to do", output_uri,
                  sum(existing["n_windows"].values()))
@@ -241,7 +325,8 @@ def run_ingest(source: str, input_uri: str | None, output_uri: str, config: dict
     pending = pending_tasks(plan)
     if len(pending) < len(plan.tasks):
         log.info("resuming: %d of %d tasks already done", len(plan.tasks) - len(pending), len(plan.tasks))
-    remote_task = ray.remote(num_cpus=1, max_retries=2)(run_task)
+    # Crashed workers and storage that stopped answering for a while are retried; other errors are not.
+    remote_task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[uri_lib.UnreachableError])(run_task)
     plan_ref = ray.put(plan)
     queue, in_flight, rows = list(pending), [], 0
     with tqdm(total=len(plan.tasks), initial=len(plan.tasks) - len(pending), unit="task",
@@ -253,11 +338,7 @@ def run_ingest(source: str, input_uri: str | None, output_uri: str, config: dict
             rows += ray.get(done[0])["rows"]
             bar.update(1)
             bar.set_postfix(windows=rows)
-    manifest = write_manifest(plan, config)
-    if manifest["n_records_ok"] == 0:
-        raise UserError(f"ingest of {plan.input_uri}: every record failed; reasons in "
-                        f"{uri_lib.join(output_uri, 'quarantine.jsonl')}")
-    return manifest
+    return write_manifest(plan, config)
 
 
 def shard_uris(manifest_dir: str) -> list[str]:

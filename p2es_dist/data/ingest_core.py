@@ -1,7 +1,12 @@
-"""One record -> one shard table plus quarantine lines. Pure functions; the Ray job fans them out."""
+"""One record -> one shard table plus quarantine lines, and what a record is made of (its files and their
+content hash, which resume and duplicate detection go by). Pure functions; the Ray job fans them out."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +17,7 @@ from p2es_dist.data.preprocess import PreprocessConfig, make_windows
 from p2es_dist.data.record import Record, RecordError
 from p2es_dist.data.schema import SHARD_SCHEMA, build_table
 from p2es_dist.data.sources import reader
+from p2es_dist.data.sources.wfdb_common import record_files as wfdb_record_files
 from p2es_dist.data.splits import hash_split
 
 
@@ -76,3 +82,60 @@ def ingest_record(source: str, root: str | Path, key: str, config: PreprocessCon
 
 def _line(source: str, key: str, exc: Exception) -> dict:
     return {"record": key, "source": source, "reason": str(exc)}
+
+
+def record_files(source: str, root: Path, key: str, options: dict | None = None,
+                 listings: dict[Path, list[Path]] | None = None) -> tuple[list[Path], str]:
+    """(files a record is read from, the part of its key inside a container file such as an HDF5 exam id).
+
+    A reader may say it itself (`record_files(root, key, **options)`); otherwise: a WFDB header's files, the
+    key's container file, or the files beside the key named after it (`bidmc_01_Signals.csv.gz`, ...).
+    `listings` caches folder listings across the records of one plan.
+    """
+    root = Path(root)
+    hook = getattr(reader(source), "record_files", None)
+    if hook is not None:
+        return hook(root, key, **(options or {})), ""
+    path = root / key
+    files = wfdb_record_files(path)
+    if files:
+        return files, ""
+    for container in path.parents:
+        if container == root:
+            break
+        if container.is_file():
+            return [container], path.relative_to(container).as_posix()
+    listings = {} if listings is None else listings
+    folder, stem = path.parent, path.name
+    if folder not in listings:
+        listings[folder] = sorted(f for f in folder.iterdir() if f.is_file()) if folder.is_dir() else []
+    # `bidmc_01_Fix.txt` and `bidmc_01.csv` belong to bidmc_01, `bidmc_010.csv` does not.
+    return [f for f in listings[folder] if f.name.startswith(stem) and f.name[len(stem):][:1] in ("", "_", ".")], ""
+
+
+def file_digests(paths: list[Path], cache: dict[str, list]) -> dict[Path, str]:
+    """BLAKE2b of each file, in parallel threads (hashlib releases the GIL). `cache` maps a path to
+    [size, mtime_ns, digest] and is updated: a file whose size and mtime did not change is not read again."""
+    def digest(path: Path) -> str:
+        stat = path.stat()
+        entry = cache.get(str(path))
+        if entry and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns:
+            return entry[2]
+        with open(path, "rb") as handle:
+            value = hashlib.file_digest(handle, "blake2b").hexdigest()[:32]
+        cache[str(path)] = [stat.st_size, stat.st_mtime_ns, value]
+        return value
+
+    unique = sorted(set(paths))
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(unique, pool.map(digest, unique), strict=True))
+
+
+def record_digest(key: str, files: list[Path], inside: str, digests: dict[Path, str]) -> str:
+    """A record's content hash: its files' contents under names relative to the record, so the same
+    recording copied to another folder hashes the same. A record with no file found hashes its key."""
+    if not files:
+        return hashlib.sha256(f"no files:{key}".encode()).hexdigest()[:32]
+    stem = Path(key).name
+    parts = sorted([f.name.replace(stem, "*", 1) if f.name.startswith(stem) else f.name, digests[f]] for f in files)
+    return hashlib.sha256(json.dumps([parts, inside]).encode()).hexdigest()[:32]

@@ -33,8 +33,9 @@ TRANSPORT_FLOAT16 = ("ecg", "ppg", "template")
 
 # Columns a model batch needs; `window_id` only seeds augmentation and is dropped after conversion.
 READ_COLUMNS = ["window_id", "split", "subject_id", "ppg", "ecg", "ecg_mask", "age", "sex", "labels", "quality"]
-# Read besides when every manifest is of shard schema 2 or later; batches then carry `template(_mask)`.
-CALIBRATION_READ_COLUMNS = ["start", *CALIBRATION_COLUMNS]
+# Read besides when every manifest is of shard schema 2 or later; batches then carry `template(_mask)` and
+# `source` (each source has its own zero-shot population, `models/base.PopulationTemplate`).
+CALIBRATION_READ_COLUMNS = ["start", "source", *CALIBRATION_COLUMNS]
 
 
 @dataclass
@@ -82,13 +83,16 @@ def calibration_available(uris: list[str]) -> bool:
 
 
 def read_windows(uris: list[str], *, split: str | None = None, min_quality: float = 0.0,
-                 columns: list[str] | None = None):
-    """Shard rows as a Ray Dataset, filtered to a split (pushed down into the Parquet scan)."""
+                 columns: list[str] | None = None, include_paths: bool = False):
+    """Shard rows as a Ray Dataset, filtered to a split (pushed down into the Parquet scan). `include_paths`
+    adds each row's shard as `path`, for errors that name it."""
     import ray.data
     from ray.data.expressions import col, lit
 
     filesystem, paths = shard_paths(uris)
-    dataset = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(columns or READ_COLUMNS)
+    columns = (columns or READ_COLUMNS) + (["path"] if include_paths else [])
+    dataset = ray.data.read_parquet(paths, filesystem=filesystem, include_paths=include_paths)
+    dataset = dataset.select_columns(columns)
     if split is not None and split != "all":
         dataset = dataset.filter(expr=col("split") == lit(split))
     if min_quality > 0:
@@ -134,7 +138,12 @@ def model_space_dataset(config: LoaderConfig, *, split: str, training: bool):
     columns = READ_COLUMNS + (CALIBRATION_READ_COLUMNS if calibrated else [])
     # Teacher outputs (distillation) say per window whether the teacher saw its template.
     columns += (["teacher_ecg"] + (["template_hidden"] if calibrated else [])) if config.teacher_ecg else []
-    dataset = read_windows(config.uris, split=split, min_quality=config.min_quality, columns=columns)
+    # The shard path rides along so that a corrupt window is named with its shard (`refuse_non_finite`).
+    dataset = read_windows(config.uris, split=split, min_quality=config.min_quality, columns=columns,
+                           include_paths=True)
+    # Ray Data would wrap that UserError in a bare "UDF failed" (its message lost on the way to the driver);
+    # this dataset's own context lets it through, so the CLI's one line names the window.
+    dataset.context.raise_original_map_exception = True
     return dataset.map_batches(
         convert_block,
         batch_format="pyarrow",
@@ -161,7 +170,7 @@ def torch_batches(shard, config: LoaderConfig, *, training: bool, epoch: int = 0
         dtypes={"ppg": torch.float32, "ecg": torch.float32, "ppg_mask": torch.bool, "ecg_mask": torch.bool,
                 "age": torch.float32, "sex": torch.int64, "labels": torch.float32, "subject": torch.int64,
                 "scale": torch.float32, "template": torch.float32, "template_mask": torch.bool,
-                "upstrokes": torch.int32,
+                "upstrokes": torch.int32, "source": torch.int64,
                 **({"cond_leads": torch.bool} if config.condition_leads else {}),
                 **({"teacher_ecg": torch.float32} if config.teacher_ecg else {})},
         prefetch_batches=config.prefetch_batches,

@@ -28,6 +28,7 @@ UPSTROKE_PAD = 2**30  # pads fixed-width upstroke arrays (batch key `upstrokes`)
 # Which lead finds the R-peaks, in order of preference: II is what single-lead spot checks record.
 PEAK_LEADS = ("II", "I", "V5", "V2", "aVF", "III", "V1", "V6", "V4", "V3", "aVL", "aVR")
 _UPSTROKE_SEARCH_S = 0.3
+_ELGENDI_BEAT_OFFSET = 0.02  # neurokit2's `beatoffset` default
 _MATCH_TOLERANCE_S = 0.1  # an upstroke this close to R + PAT belongs to that R
 
 
@@ -50,14 +51,22 @@ def r_peaks(lead: np.ndarray, fs: float = FS) -> np.ndarray:
     return np.asarray(info["ECG_R_Peaks"], dtype=np.int64)
 
 
-def ppg_upstrokes(ppg: np.ndarray, fs: float = FS) -> np.ndarray:
-    """Upstroke sample indices (steepest rise before each systolic peak) of a PPG signal."""
+def ppg_upstrokes(ppg: np.ndarray, fs: float = FS, *, mean_square: float | None = None) -> np.ndarray:
+    """Upstroke sample indices (steepest rise before each systolic peak) of a PPG signal.
+
+    `mean_square`: when `ppg` is a piece of a longer signal, that signal's mean of max(x, 0)^2. Elgendi's
+    threshold (neurokit2's default method) adds 0.02 times this mean, so with it a piece finds the peaks
+    the whole signal would (translate streams long inputs in pieces).
+    """
     import neurokit2 as nk
 
     ppg = np.asarray(ppg, dtype=np.float64)
     if not np.isfinite(ppg).all() or np.ptp(ppg) == 0:
         return np.zeros(0, dtype=np.int64)
-    peaks = np.asarray(nk.ppg_findpeaks(ppg, sampling_rate=int(round(fs)))["PPG_Peaks"], dtype=np.int64)
+    options = {}
+    if mean_square is not None and (own := float(np.mean(np.maximum(ppg, 0.0) ** 2))) > 0:
+        options["beatoffset"] = _ELGENDI_BEAT_OFFSET * mean_square / own
+    peaks = np.asarray(nk.ppg_findpeaks(ppg, sampling_rate=int(round(fs)), **options)["PPG_Peaks"], dtype=np.int64)
     slope = np.gradient(ppg)
     search = int(round(_UPSTROKE_SEARCH_S * fs))
     upstrokes = []

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from p2es_dist import __version__
-from p2es_dist.constants import SCHEMA_VERSION
+from p2es_dist.constants import LEADS, SCHEMA_VERSION
 from p2es_dist.data.calibration import population_from_shards
 from p2es_dist.errors import UserError
 from p2es_dist.evaluate import figures, metrics, templates
@@ -55,6 +55,28 @@ def _load(uri: str, role: str):
     if role == "encoder" and not hasattr(loaded.model, "embed"):
         raise UserError(f"--encoder {uri}: model {loaded.name!r} has no embed(); expected the foundation encoder")
     return loaded
+
+
+LEAD_II_WINDOWS = "lead_ii_windows.csv"
+LEAD_II_COLUMNS = (("window", "pearson"), ("window", "pearson_lag"), ("window", "rrmse"), ("minmax", "rmse"))
+
+
+def write_lead_ii_windows(path: Path, runs: list[ModelRun], reference: Reference) -> None:
+    """Lead II per window and model (`<model>.<metric>`, minmax RMSE as `<model>.minmax_rmse`), for pooling
+    across folds (`evaluate/cv.py`) or a user's own analysis. Empty cells: lead II not scored."""
+    import csv
+
+    lead = LEADS.index("II")
+    columns = {"window_id": reference.window_ids, "subject_id": list(reference.subjects)}
+    for run in runs:
+        for space, metric in LEAD_II_COLUMNS:
+            name = f"{run.name}.{'minmax_' if space == 'minmax' else ''}{metric}"
+            values = np.where(reference.mask[:, lead], run.per_window[space][metric][:, lead], np.nan)
+            columns[name] = ["" if not np.isfinite(v) else f"{v:.6g}" for v in values]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        writer.writerows(zip(*columns.values(), strict=True))
 
 
 def pick_windows(run: ModelRun) -> dict[str, int]:
@@ -178,5 +200,6 @@ def run_evaluation(*, model_uri: str, config: EvalConfig, out: str | Path, basel
                                             config=config)
     validate_metrics(document)
     (out / "metrics.json").write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    write_lead_ii_windows(out / LEAD_II_WINDOWS, runs, reference)
     write_report(out / "report.md", document)
     return document

@@ -61,7 +61,8 @@ def read_eval_windows(uris: list[str], *, split: str = "test", max_windows: int 
         chosen = pa.array(ids, pa.string())
         row_filter = ds.field("window_id").isin(chosen) if row_filter is None else (
             row_filter & ds.field("window_id").isin(chosen))
-    columns = EVAL_COLUMNS + (["start", "record", *CALIBRATION_COLUMNS] if calibration_available(uris) else [])
+    timing_columns = ["start", "record", "source", *CALIBRATION_COLUMNS]
+    columns = EVAL_COLUMNS + (timing_columns if calibration_available(uris) else [])
     table = dataset.to_table(columns=columns, filter=row_filter)
     return table.take(pc.sort_indices(table, sort_keys=[("window_id", "ascending")]))
 

@@ -65,28 +65,121 @@ def quiet_progress_when_logged() -> None:
         DataContext.get_current().enable_progress_bars = False
 
 
-def connect_ray(*, num_cpus: int | None = None) -> bool:
-    """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it), else start a local Ray.
+# What `start_local_ray` changed, so that `stop_local_ray` can put it back: the previous RAY_ADDRESS and
+# the instance's own temp dir.
+_LOCAL_RAY: dict[str, Any] = {}
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # read by the head node that ray.init starts (ray/_private/node.py)
 
-    Returns True when this call started Ray, so the caller knows it owns the shutdown.
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+def start_local_ray(*, num_cpus: int | None = None, runtime_env: dict | None = None,
+                    log_to_driver: bool = True) -> str:
+    """Start a private Ray on this machine and make every address lookup find it; returns its address.
+
+    Ray's own helpers look a cluster up by address when not told one: Ray Train's placement-group cleaner
+    asks the State API through `ray.util.state`, which takes RAY_ADDRESS, else the cluster of the last
+    `ray start`, else any GCS process on the machine. With a second Ray here (another user's, a `ray start
+    --head`) it then fails ("multiple active Ray instances") or asks the other cluster, finds no controller
+    there and removes the live run's placement group. So the head's port is chosen first and RAY_ADDRESS
+    names it before Ray starts: the raylet, hence every worker and actor, and this driver's children inherit
+    it. The instance also gets its own temp dir (sessions, sockets, logs) and its State API (the dashboard
+    process, which serves it).
+    """
+    import tempfile
+
+    import ray
+
+    # A job that shut its Ray down with ray.shutdown() left RAY_ADDRESS naming it; its logs stay.
+    _forget_local_ray(keep_logs=True)
+    port = _free_port()
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    temp_dir = tempfile.mkdtemp(prefix="p2es-ray-")
+    previous = os.environ.get(RAY_ADDRESS_ENV)
+    os.environ[RAY_ADDRESS_ENV] = address
+    os.environ[GCS_PORT_ENV] = str(port)
+    try:
+        # address="local": start a new instance even though RAY_ADDRESS is set.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=None, dashboard_port=_free_port(),
+                 runtime_env=runtime_env, log_to_driver=log_to_driver, configure_logging=False,
+                 _temp_dir=temp_dir)
+    except BaseException:
+        _restore_address(previous)
+        _remove_tree(temp_dir)
+        raise
+    finally:
+        os.environ.pop(GCS_PORT_ENV, None)
+    _LOCAL_RAY.update(previous_address=previous, temp_dir=temp_dir)
+    started = ray.get_runtime_context().gcs_address
+    if started != address:
+        # Ray chose another interface: this process and its children get the right address, but the
+        # workers already inherited `address`, so the cleaner may still pick another Ray on this machine.
+        log.warning("local Ray started at %s, not at %s as planned", started, address)
+        os.environ[RAY_ADDRESS_ENV] = started
+    return started
+
+
+def stop_local_ray(*, keep_logs: bool = False) -> None:
+    """Shut down the Ray that `start_local_ray` started, put RAY_ADDRESS back as it was and remove the
+    instance's temp dir, unless `keep_logs` (after a failure its logs are the details)."""
+    import ray
+
+    ray.shutdown()
+    _forget_local_ray(keep_logs=keep_logs)
+
+
+def _forget_local_ray(*, keep_logs: bool) -> None:
+    if not _LOCAL_RAY:
+        return
+    _restore_address(_LOCAL_RAY.pop("previous_address"))
+    temp_dir = _LOCAL_RAY.pop("temp_dir")
+    if not keep_logs:
+        _remove_tree(temp_dir)
+
+
+def _restore_address(previous: str | None) -> None:
+    if previous is None:
+        os.environ.pop(RAY_ADDRESS_ENV, None)
+    else:
+        os.environ[RAY_ADDRESS_ENV] = previous
+
+
+def _remove_tree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def connect_ray(*, num_cpus: int | None = None) -> bool:
+    """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it), else start a private local Ray
+    (`start_local_ray`).
+
+    Returns True when this call started Ray, so the caller knows it owns the shutdown (`stop_local_ray`).
     """
     quiet_progress_when_logged()
     import ray
 
     if ray.is_initialized():
         return False
+    _forget_local_ray(keep_logs=True)  # see start_local_ray
     # Workers of a local Ray inherit this process's environment (credentials included). On a cluster the
     # endpoint is forwarded; credentials come from the nodes' own AWS chain and never travel in runtime_env,
     # which Ray shows in its job listings.
     env_vars = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", PROGRESS_ENV)
                 if k in os.environ}
     runtime_env = {"env_vars": env_vars} if env_vars else None
-    address = os.environ.get("RAY_ADDRESS")
+    address = os.environ.get(RAY_ADDRESS_ENV)
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return False
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True,
-             configure_logging=False)
+    start_local_ray(num_cpus=num_cpus, runtime_env=runtime_env)
     return True
 
 
@@ -96,8 +189,10 @@ def ray_session(*, num_cpus: int | None = None) -> Iterator[None]:
     started = connect_ray(num_cpus=num_cpus)
     try:
         yield
-    finally:
+    except BaseException as exc:
         if started:
-            import ray
-
-            ray.shutdown()
+            exc.add_note(f"Ray's logs: {_LOCAL_RAY.get('temp_dir')}/session_latest/logs")
+            stop_local_ray(keep_logs=True)
+        raise
+    if started:
+        stop_local_ray()

@@ -4,6 +4,7 @@ the output's layout is `p2es_dist/schemas/metrics.schema.json`).
     p2es evaluate --model runs/p2es/result.json --data shards/bidmc --out eval/ \
         --baselines dct=runs/dct,li2021=runs/li2021 --classifier runs/clf --encoder runs/pretrain
     p2es evaluate --model runs/p2es_lead2 --data shards/ptbxl --condition II --classifier runs/clf --out eval_ptbxl/
+    p2es evaluate --cv-folds 5 --data shards/bidmc --train-config p2es_bidmc --out cv/   # jobs/cross_validate.py
     p2es evaluate --probe --encoder runs/pretrain --train-data shards/ptbxl --data shards/ptbxl --labels MI,NORM \
         --out probe/
     ray job submit --working-dir . -- python -m p2es_dist.jobs.evaluate --model s3://p2es/runs/... --data s3://...
@@ -54,6 +55,45 @@ def _probe(args) -> int:
     return 0
 
 
+def _eval_config(args):
+    from p2es_dist.evaluate.runner import EvalConfig
+    from p2es_dist.evaluate.windows import parse_condition
+    from p2es_dist.models.base import GenerationOptions
+
+    if args.batch_size < 1 or args.n_samples < 1 or args.bootstrap < 0:
+        raise UserError("--batch-size and --n-samples must be >= 1, --bootstrap >= 0")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps: expected a positive number, got {args.steps}")
+    return EvalConfig(
+        data=_list(args.data), split=args.split, max_windows=args.max_windows, batch_size=args.batch_size,
+        condition=parse_condition(_list(args.condition)), n_boot=args.bootstrap, with_dtw=not args.no_dtw,
+        protocol=args.protocol or "zero-shot", calibration_s=args.calibration_seconds,
+        generation=GenerationOptions(seed=args.seed, sampler=args.sampler, steps=args.steps,
+                                     n_samples=args.n_samples),
+    )
+
+
+def _cross_validate(args) -> int:
+    from p2es_dist.config import load_config
+    from p2es_dist.data.loader import calibration_available
+    from p2es_dist.evaluate.cv import markdown
+    from p2es_dist.jobs.cross_validate import run_cross_validation
+
+    data = _list(args.data)
+    if len(data) != 1 or not args.train_config or not args.out:
+        raise UserError("--cv-folds needs one --data shard folder, --train-config and --out")
+    if args.model or args.baselines:
+        raise UserError("--cv-folds trains one model per fold from --train-config: leave out --model/--baselines")
+    protocols = [args.protocol] if args.protocol else (
+        ["zero-shot", "calibrated"] if calibration_available(data) else ["zero-shot"])
+    pooled = run_cross_validation(data=data[0], train_config=load_config(args.train_config, args.train_overrides),
+                                  folds=args.cv_folds, protocols=protocols, out=args.out,
+                                  eval_config=_eval_config(args), seed=args.seed)
+    print("\n".join(markdown(summary) for summary in pooled.values()))
+    print(json.dumps({"cv": f"{args.out}/cv.json", "verdicts": {p: s["verdict"] for p, s in pooled.items()}}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser("p2es evaluate", "signal fidelity, heart rate, fd and diagnostic value of a model on window shards",
                config=False)
@@ -65,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--condition", help="lead(s) given as input, e.g. II or I,II,V1: 12-from-those-leads "
                                        "reconstruction instead of PPG -> ECG")
     p.add_argument("--split", default="test", choices=["all", "train", "val", "test"])
-    p.add_argument("--protocol", default="zero-shot", choices=["zero-shot", "calibrated"],
-                   help="zero-shot: unseen patients; calibrated: each record's first --calibration-seconds "
-                        "calibrate (PAT, own beat) and only later windows are scored")
+    p.add_argument("--protocol", choices=["zero-shot", "calibrated"],
+                   help="zero-shot (default): unseen patients; calibrated: each record's first "
+                        "--calibration-seconds calibrate (PAT, own beat) and only later windows are scored; "
+                        "--cv-folds evaluates both unless one is given")
     p.add_argument("--calibration-seconds", type=float, default=60.0,
                    help="--protocol calibrated: the calibration segment stored at ingest (preprocess.calibration_s)")
     p.add_argument("--max-windows", type=int, help="evaluate a deterministic subset of N windows")
@@ -79,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the 95 %% intervals")
     p.add_argument("--no-dtw", action="store_true", help="skip DTW (reported as null)")
     p.add_argument("--no-figures", action="store_true", help="write metrics.json and report.md only")
+    p.add_argument("--cv-folds", type=int, help="subject-grouped K-fold cross-validation over the subjects of "
+                                                "--data: trains --train-config per fold (instead of --model)")
+    p.add_argument("--train-config", help="--cv-folds: the training config (a path or a shipped name)")
+    p.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="--cv-folds: override a key of --train-config (repeatable)")
     p.add_argument("--probe", action="store_true", help="linear-probe AUROC of --encoder instead (see --labels)")
     p.add_argument("--train-data", help="--probe: shard folder(s) the probe is fitted on")
     p.add_argument("--labels", help="--probe: labels, e.g. MI,NORM")
@@ -88,25 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     apply_common(args)
     if args.probe:
         return _probe(args)
+    if args.cv_folds is not None:
+        return _cross_validate(args)
     if not args.model or not args.data or not args.out:
         raise UserError("--model, --data and --out are required (see `p2es evaluate --help`)")
-    if args.batch_size < 1 or args.n_samples < 1 or args.bootstrap < 0:
-        raise UserError("--batch-size and --n-samples must be >= 1, --bootstrap >= 0")
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps: expected a positive number, got {args.steps}")
-
     from p2es_dist.evaluate.pipeline import run_evaluation
-    from p2es_dist.evaluate.runner import EvalConfig
-    from p2es_dist.evaluate.windows import parse_condition
-    from p2es_dist.models.base import GenerationOptions
 
-    config = EvalConfig(
-        data=_list(args.data), split=args.split, max_windows=args.max_windows, batch_size=args.batch_size,
-        condition=parse_condition(_list(args.condition)), n_boot=args.bootstrap, with_dtw=not args.no_dtw,
-        protocol=args.protocol, calibration_s=args.calibration_seconds,
-        generation=GenerationOptions(seed=args.seed, sampler=args.sampler, steps=args.steps,
-                                     n_samples=args.n_samples),
-    )
+    config = _eval_config(args)
     doc = run_evaluation(model_uri=args.model, config=config, out=args.out, baselines=parse_baselines(args.baselines),
                          encoder_uri=args.encoder, classifier_uri=args.classifier, with_figures=not args.no_figures)
     headline = {"metrics": f"{args.out}/metrics.json", "n_windows": doc["data"]["n_windows"],

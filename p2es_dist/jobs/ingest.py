@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         manifest = run_ingest(args.source, args.input, args.output, config)
     finally:
         if started:
-            import ray
+            from p2es_dist.jobs.common import stop_local_ray
 
-            ray.shutdown()
+            stop_local_ray()
     summary = {k: manifest[k] for k in ("source", "n_windows", "n_subjects", "n_records_ok",
                                         "n_records_quarantined", "n_windows_quarantined")}
     summary["shards"] = len(manifest["shards"])

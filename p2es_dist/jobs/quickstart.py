@@ -216,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                 summary["stages"][stage] = info
         finally:
             if started_ray:
-                import ray
+                from p2es_dist.jobs.common import stop_local_ray
 
-                ray.shutdown()
+                stop_local_ray()
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2))
 
     rows = [("stage", "where", "result")]

@@ -7,6 +7,11 @@
 Amplitudes are NOT calibrated: model space has no absolute scale, and one model unit is written as
 `--ecg-scale-mv` millivolts (default: the bundle's `preprocessing.ecg_scale_mv`, else 1.0). The
 record's header comments say so.
+
+Inputs of any length are read, translated and written chunk by chunk (translate/stream.py). Short
+NaN/inf gaps in the PPG are interpolated, with a line on stderr saying how many samples; a longer gap
+(over 0.5 s, or the bundle's limit) or a PPG flat over more than half its length is refused with exit
+code 2, and shorter flat stretches are named on stderr.
 """
 
 from __future__ import annotations
@@ -32,10 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", required=True,
                    help="WFDB record (path with or without .hea) with a PLETH/PPG channel, or a .csv/.csv.gz file")
     p.add_argument("--column", help="PPG column (CSV) or channel (WFDB); names match after stripping spaces")
-    p.add_argument("--fs", type=float, help="sampling rate in Hz of a CSV input (required for CSV)")
+    p.add_argument("--fs", type=float, help="sampling rate in Hz of a CSV input (required for CSV; 10 to 10000)")
     p.add_argument("--png", help="also plot the first 10 s as a 12-lead printout to this PNG")
     p.add_argument("--calibration", help="the patient's profile from `p2es calibrate` (PAT, own beat): models "
                                          "trained with templates use it, and amplitudes follow its beat")
+    p.add_argument("--population", help="without --calibration: the training source whose population PAT and "
+                                        "beat to assume (e.g. bidmc for a fingertip PPG); default: all pooled")
     p.add_argument("--hop", type=int, default=WINDOW // 2,
                    help=f"samples at {FS} Hz between {WINDOW}-sample windows (default {WINDOW // 2})")
     p.add_argument("--seed", type=int, default=0, help="seed of stochastic models (default 0)")
@@ -56,16 +63,22 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--batch-size: expected a positive number, got {args.batch_size}")
     if args.ecg_scale_mv is not None and not args.ecg_scale_mv > 0:
         raise UserError(f"--ecg-scale-mv: expected a positive number of mV, got {args.ecg_scale_mv}")
+    if args.fs is not None:
+        from p2es_dist.translate.io import check_fs
+
+        check_fs(args.fs)
     apply_common(args)
-    from p2es_dist.translate.run import TranslateConfig, translate_file
+    from p2es_dist.translate.run import TranslateConfig, notices, translate_file
 
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps: expected a positive number, got {args.steps}")
     config = TranslateConfig(hop=args.hop, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                              ecg_scale_mv=args.ecg_scale_mv, age=args.age,
-                             sex=None if args.sex is None else _SEX[args.sex])
+                             sex=None if args.sex is None else _SEX[args.sex], population=args.population)
     summary = translate_file(model=args.model, input=args.input, out=args.out, column=args.column, fs=args.fs,
                              png=args.png, config=config, calibration=args.calibration)
+    for line in notices(summary):
+        print(f"p2es translate: {line}", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 

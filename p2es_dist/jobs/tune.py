@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         best = run_search(space, config, out=args.out, name=args.name, validate=False)
     finally:
         if started:
-            import ray
+            from p2es_dist.jobs.common import stop_local_ray
 
-            ray.shutdown()
+            stop_local_ray()
     summary = {key: best[key] for key in ("metric", "mode", "value", "checkpoint", "trials",
                                           "trials_stopped_early", "experiment_path")}
     summary["sampled"] = best["config"]["sampled"]

@@ -18,6 +18,8 @@ A batch is a dict of tensors in model space (`p2es_dist/data/normalize.py`), as 
 | `sex`           | (B,) int64               | 0 female, 1 male, -1 unknown                                         |
 | `labels`        | (B, 13) float32          | multi-hot over `constants.LABELS`                                    |
 | `subject`       | (B,) int64               | stable hash of `subject_id` (same patient -> same value)             |
+| `source`        | (B,) int64, optional     | stable hash of the shard's `source` (picks the zero-shot population) |
+| `upstrokes`     | (B, K) int32, optional   | PPG upstroke positions, padded with `data.timing.UPSTROKE_PAD`        |
 
 Leads are in `constants.LEADS` order, L = `constants.WINDOW`. A batch without `template` /
 `template_mask` (old shards, 12-lead corpora) has no template for any window; models read it only
@@ -42,13 +44,16 @@ class GenerationOptions:
     """How `generate` draws. Every model takes it; a deterministic model (`stochastic = False`) reads none of it.
 
     `sampler` / `steps` None mean the model's default (`TranslationModel.generation_options` fills them in);
-    `n_samples` draws are averaged. A stochastic model is deterministic under `seed`.
+    `n_samples` draws are averaged. A stochastic model is deterministic under `seed`. `calibration`, a
+    `data.calibration.CalibrationProfile`, gives a model built with `use_template` the patient's template
+    in every window of the batch (`with_calibration`; the batch must carry `upstrokes`).
     """
 
     seed: int = 0
     sampler: str | None = None
     steps: int | None = None
     n_samples: int = 1
+    calibration: Any = None
 
     def with_seed(self, seed: int) -> GenerationOptions:
         return replace(self, seed=seed)
@@ -85,6 +90,33 @@ class TranslationModel(nn.Module):
     def generate(self, batch: Batch, options: GenerationOptions | None = None) -> Tensor:
         """12-lead ECG in model space, (B, 12, L), drawn as `options` says (defaults: `GenerationOptions()`)."""
         raise NotImplementedError
+
+
+def with_calibration(batch: Batch, options: GenerationOptions | None) -> Batch:
+    """`batch` with `options.calibration`'s template in every window with PPG upstrokes (unchanged without
+    a calibration): the patient's beat at each upstroke minus their PAT, unit peak over its leads, as the
+    loader builds it from a record's stored calibration (`data.batches.calibration_templates`)."""
+    profile = options.calibration if options is not None else None
+    if profile is None:
+        return batch
+    if "upstrokes" not in batch:
+        raise ValueError("calibration needs batch['upstrokes'] (the PPG upstrokes of each window, padded with "
+                         "data.timing.UPSTROKE_PAD: data.timing.upstrokes_per_window, data.batches.upstroke_array)")
+    import numpy as np
+
+    from p2es_dist.data import timing
+
+    upstrokes = batch["upstrokes"].cpu().numpy()
+    length = batch["ppg"].shape[-1]
+    beat, leads = profile.beat_array()
+    rendered = np.stack([timing.template_from_upstrokes(beat, row, profile.pat_s, length, profile.fs)
+                         for row in upstrokes])
+    usable = (upstrokes[:, 0] != timing.UPSTROKE_PAD) & batch["ppg_mask"].bool().cpu().numpy()
+    mask = leads[None, :] & usable[:, None]
+    template = timing.normalise_template(rendered, mask) * mask[:, :, None]
+    device = batch["ppg"].device
+    return {**batch, "template": torch.from_numpy(template.astype(np.float32)).to(device),
+            "template_mask": torch.from_numpy(mask).to(device)}
 
 
 def condition_leads(batch: Batch) -> Tensor:
@@ -124,46 +156,96 @@ def hide_templates(batch: Batch, fraction: float) -> Batch:
 
 
 class PopulationTemplate(nn.Module):
-    """The training population's mean beat and pulse arrival time: the zero-shot stand-in for a template.
+    """The training population's hedged beat and pulse arrival time: the zero-shot stand-in for a template.
 
-    `population` is a calibration profile as JSON (`p2es_dist/data/calibration.py`), which the trainer
-    fills in from the train split of the training data (`model.population` in the config, so it travels
-    with every checkpoint). `fill` gives each window that has no calibration template the population's
-    beat placed at its PPG upstrokes (batch key `upstrokes`, (B, K) int, padded with `data.timing.UPSTROKE_PAD`) minus
-    the population PAT, and says which windows are calibrated (`template_calibrated`). Without a
-    population, or without upstrokes in the batch, it changes nothing.
+    `population` is `data.calibration.population_json`: a pooled profile plus one per training source
+    (`by_source`), which the trainer fills in from the train split of the training data (`model.population`
+    in the config, so it travels with every checkpoint). `fill` gives each window that has no calibration
+    template its source's population beat, hedged against that population's PAT spread
+    (`calibration.hedged_beat`), placed at its PPG upstrokes (batch key `upstrokes`) minus the population
+    PAT; windows of a source the model never saw (or a batch without `source`) get the pooled population.
+    It also says which windows are calibrated (`template_calibrated`). Without a population, or without
+    upstrokes in the batch, it changes nothing.
     """
 
     def __init__(self, population: dict | None) -> None:
         super().__init__()
+        population = population or {}
+        # Row 0 is the pooled population; rows 1.. follow `by_source`.
+        entries = [population, *(population.get("by_source") or {}).values()]
+        beats, masks, shifts, spreads = zip(*(self._entry(entry) for entry in entries), strict=True)
+        self.available = bool(masks[0].any())
+        self.register_buffer("beats", torch.stack(beats), persistent=False)  # (S, 12, BEAT_SAMPLES)
+        self.register_buffer("masks", torch.stack(masks), persistent=False)  # (S, 12)
+        self.register_buffer("shifts", torch.tensor(shifts, dtype=torch.long), persistent=False)
+        self.register_buffer("spreads", torch.tensor(spreads, dtype=torch.float32), persistent=False)  # samples
+        from p2es_dist.data.splits import subject_hash
+
+        keys = [subject_hash(name) for name in (population.get("by_source") or {})]
+        self.register_buffer("source_keys", torch.tensor(keys, dtype=torch.long), persistent=False)
+
+    @staticmethod
+    def _entry(population: dict) -> tuple[Tensor, Tensor, int, float]:
+        import math
+
+        import numpy as np
+
         from p2es_dist.constants import LEAD_INDEX
+        from p2es_dist.data.calibration import IQR_PER_SIGMA, hedged_beat
         from p2es_dist.data.timing import BEAT_PRE, BEAT_SAMPLES
 
-        population = population or {}
-        beat = torch.zeros(N_LEADS, BEAT_SAMPLES)
+        beat = np.zeros((N_LEADS, BEAT_SAMPLES), dtype=np.float32)
         mask = torch.zeros(N_LEADS, dtype=torch.bool)
         for name, values in (population.get("beat") or {}).items():
-            beat[LEAD_INDEX[name]] = torch.tensor(values, dtype=torch.float32)
+            beat[LEAD_INDEX[name]] = values
             mask[LEAD_INDEX[name]] = True
-        self.available = bool(mask.any())
-        self.shift = int(round(float(population.get("pat_s", 0.0)) * float(population.get("fs", 125)))) + BEAT_PRE
-        self.register_buffer("beat", beat, persistent=False)
-        self.register_buffer("mask", mask, persistent=False)
+        fs = float(population.get("fs", 125))
+        spread = population.get("pat_iqr_s")
+        spread = float(spread) if spread is not None and math.isfinite(float(spread)) else 0.0
+        shift = int(round(float(population.get("pat_s", 0.0)) * fs)) + BEAT_PRE
+        sigma = spread / IQR_PER_SIGMA * fs
+        return torch.from_numpy(hedged_beat(beat, spread, int(fs))), mask, shift, sigma
 
-    def render(self, upstrokes: Tensor, length: int) -> Tensor:
-        """(B, K) upstroke positions -> (B, 12, length), unit peak over the population's leads per window.
+    def rows(self, batch: Batch) -> Tensor:
+        """(B,) which population serves each window: its source's, else the pooled one (row 0)."""
+        n = batch["ecg_mask"].shape[0]
+        if "source" not in batch or not len(self.source_keys):
+            return torch.zeros(n, dtype=torch.long, device=self.beats.device)
+        match = batch["source"].long()[:, None] == self.source_keys[None, :]
+        return torch.where(match.any(dim=1), match.long().argmax(dim=1) + 1, torch.zeros_like(match[:, 0].long()))
+
+    def render(self, upstrokes: Tensor, length: int, rows: Tensor | None = None) -> Tensor:
+        """(B, K) upstroke positions -> (B, 12, length) in the beats' unit-peak scale.
 
         The same placement as `data.timing.render_template`: each sample takes the beat that started last.
         """
-        starts, _ = torch.sort(upstrokes.long() - self.shift, dim=1)
+        rows = torch.zeros(len(upstrokes), dtype=torch.long, device=upstrokes.device) if rows is None else rows
+        starts, _ = torch.sort(upstrokes.long() - self.shifts[rows][:, None], dim=1)
         t = torch.arange(length, device=starts.device).expand(len(starts), length).contiguous()
         owner = torch.searchsorted(starts, t, right=True) - 1
         offset = t - torch.gather(starts, 1, owner.clamp_min(0))
-        covered = (owner >= 0) & (offset < self.beat.shape[1])
-        values = self.beat[:, offset.clamp(0, self.beat.shape[1] - 1)].permute(1, 0, 2)  # (B, 12, L)
-        values = values * covered[:, None, :].to(values.dtype)
-        peak = values.abs().amax(dim=(1, 2), keepdim=True)
-        return torch.where(peak > 0, values / peak.clamp_min(1e-12), torch.zeros_like(values))
+        beat_length = self.beats.shape[-1]
+        covered = (owner >= 0) & (offset < beat_length)
+        index = offset.clamp(0, beat_length - 1)[:, None, :].expand(-1, N_LEADS, -1)
+        values = torch.gather(self.beats[rows], 2, index)  # (B, 12, L)
+        return values * covered[:, None, :].to(values.dtype)
+
+    def jitter_targets(self, batch: Batch) -> Tensor:
+        """(B, 12, L) the batch's ECG, shifted in time by a lag ~ N(0, sigma of the PAT spread) in every window
+        that `fill` gave the population template (edges repeat the first or last sample).
+
+        Training only. The training patients' own PATs are learnable from their PPG, so without it a
+        model memorises them and places sharp QRS complexes at the wrong time for a new patient; with it,
+        each zero-shot window is shown as if its patient's PAT were any of the population's, and the
+        MSE-optimal answer hedges as `hedged_beat` does. Draws from torch's global generator.
+        """
+        ecg = batch["ecg"]
+        population = batch["template_mask"].any(dim=1) & ~batch["template_calibrated"]
+        sigma = self.spreads[self.rows(batch)]
+        lag = torch.round(torch.randn(len(ecg), device=ecg.device) * sigma).long() * population.long()
+        t = torch.arange(ecg.shape[-1], device=ecg.device)
+        index = (t[None, :] - lag[:, None]).clamp(0, ecg.shape[-1] - 1)
+        return torch.gather(ecg, 2, index[:, None, :].expand(-1, ecg.shape[1], -1))
 
     def fill(self, batch: Batch) -> Batch:
         has_own = template_leads(batch).any(dim=1)
@@ -171,10 +253,11 @@ class PopulationTemplate(nn.Module):
         if not self.available or "upstrokes" not in batch:
             return out
         length = batch["ppg"].shape[-1]
-        population = self.render(batch["upstrokes"], length).to(batch["ppg"].dtype)
+        rows = self.rows(batch)
+        population = self.render(batch["upstrokes"], length, rows).to(batch["ppg"].dtype)
         own = template_input(batch) if "template" in batch else torch.zeros_like(population)
         use = (~has_own & batch["ppg_mask"].bool())[:, None]
-        mask = torch.where(use, self.mask.expand(len(use), -1), template_leads(batch))
+        mask = torch.where(use, self.masks[rows], template_leads(batch))
         out["template"] = torch.where(use[:, :, None], population, own)
         out["template_mask"] = mask
         return out

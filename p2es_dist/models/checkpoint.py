@@ -42,6 +42,10 @@ BUNDLE_CONFIG = "config.json"
 SUMS = "SHA256SUMS"
 BUNDLE_FORMAT = "p2es-dist-bundle"
 WEIGHTS_FORMAT = "p2es-dist"  # safetensors header `format` of a checkpoint's weights (a bundle's: BUNDLE_FORMAT)
+# What a bundle may make us read into memory: far above the models this project trains, far below what
+# would exhaust a worker; a bigger (or endless) file is refused before it is read.
+MAX_BUNDLE_FILE_BYTES = 4 * 1024**3
+MAX_SUMS_BYTES = 1024**2
 
 
 @dataclass
@@ -109,16 +113,55 @@ def read_weights(source: str | bytes, *, where: str | None = None) -> dict[str, 
         raise UserError(f"{where or 'weights'}: not a readable safetensors file ({exc})") from exc
 
 
+def _plain_name(name: str) -> bool:
+    """A file name directly inside the bundle: no folder part, no `..`, nothing absolute (`/etc/x`, `C:\\x`)."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\:\0")
+
+
+def _check_regular(uri: str, *, limit: int, missing: str) -> None:
+    """Refuse, before any read, what is not a regular file of at most `limit` bytes: a link, a device, a
+    folder (a bundle's sums must never make us read /dev/zero or a multi-gigabyte decoy)."""
+    fs, path = uri_lib.filesystem(uri)
+    try:
+        with uri_lib.storage_errors(uri):
+            info = fs.info(path)
+    except FileNotFoundError:
+        raise UserError(f"{uri}: {missing}") from None
+    if info.get("islink") or info.get("type") != "file":
+        raise UserError(f"{uri}: not a regular file; a bundle holds plain files only (refusing to read it)")
+    size = int(info.get("size") or 0)
+    if size > limit:
+        raise UserError(f"{uri}: {size} bytes, over the {limit}-byte limit for a bundle file (refusing to read it)")
+
+
+def _read_bounded(uri: str, limit: int) -> bytes:
+    """At most `limit` bytes of `uri`: a file that grows after its size was checked is refused, not slurped."""
+    with uri_lib.storage_errors(uri), uri_lib.open_input(uri) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise UserError(f"{uri}: grew past the {limit}-byte limit for a bundle file while being read")
+    return data
+
+
 def read_sums(directory: str) -> dict[str, str]:
-    """`SHA256SUMS` (the `sha256sum` format: `<hex>  <name>`) -> {name: hex}."""
+    """`SHA256SUMS` (the `sha256sum` format: `<hex>  <name>`) -> {name: hex}.
+
+    Every name must be a plain file name inside the bundle; a path (`../x`, `/etc/hostname`, `sub/x`) is
+    refused here, so verification never reads outside the bundle."""
+    sums_uri = uri_lib.join(directory, SUMS)
+    _check_regular(sums_uri, limit=MAX_SUMS_BYTES, missing=f"no {SUMS}")
     sums: dict[str, str] = {}
-    for number, line in enumerate(uri_lib.read_text(uri_lib.join(directory, SUMS)).splitlines(), start=1):
+    for number, line in enumerate(_read_bounded(sums_uri, MAX_SUMS_BYTES).decode("utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         digest, _, name = line.partition("  ")
-        if len(digest) != 64 or not name:
-            raise UserError(f"{uri_lib.join(directory, SUMS)} line {number}: expected '<sha256>  <file>'")
-        sums[name.strip().removeprefix("*")] = digest
+        if len(digest) != 64 or not name or any(c not in "0123456789abcdefABCDEF" for c in digest):
+            raise UserError(f"{sums_uri} line {number}: expected '<sha256>  <file>'")
+        name = name.strip().removeprefix("*")  # `*`: sha256sum's binary-mode marker
+        if not _plain_name(name):
+            raise UserError(f"{sums_uri} line {number}: {name!r} is not a plain file name inside the bundle "
+                            "(no folders, '..' or absolute paths); refusing to read it")
+        sums[name] = digest.lower()
     return sums
 
 
@@ -131,9 +174,9 @@ def verify_bundle(directory: str) -> dict[str, bytes]:
     contents: dict[str, bytes] = {}
     for name, expected in sums.items():
         path = uri_lib.join(directory, name)
-        if not uri_lib.exists(path):
-            raise UserError(f"{path}: listed in {SUMS} but missing; the bundle is incomplete")
-        data = uri_lib.read_bytes(path)
+        _check_regular(path, limit=MAX_BUNDLE_FILE_BYTES,
+                       missing=f"listed in {SUMS} but missing; the bundle is incomplete")
+        data = _read_bounded(path, MAX_BUNDLE_FILE_BYTES)
         if sha256_bytes(data) != expected:
             raise UserError(f"{path}: sha256 does not match {SUMS}; the file was altered or corrupted "
                             "(refusing to load it)")

@@ -72,6 +72,7 @@ from p2es_dist.models.base import (
     TranslationModel,
     hide_templates,
     template_input,
+    with_calibration,
 )
 from p2es_dist.models.common import (
     masked_bce,
@@ -335,7 +336,7 @@ class Li2021(TranslationModel):
 
     @torch.no_grad()
     def generate(self, batch: Batch, options: GenerationOptions | None = None) -> Tensor:
-        return self(batch)  # deterministic regressor: `options` has nothing to act on
+        return self(with_calibration(batch, options))  # deterministic: only `options.calibration` acts
 
     @torch.no_grad()
     def diagnose(self, batch: Batch) -> Tensor:

@@ -45,6 +45,7 @@ from p2es_dist.models.base import (
     TranslationModel,
     hide_templates,
     template_input,
+    with_calibration,
 )
 from p2es_dist.models.common import masked_mse, ppg_input, regression_target_mask
 from p2es_dist.models.li2021 import (
@@ -200,4 +201,4 @@ class Student(TranslationModel):
 
     @torch.no_grad()
     def generate(self, batch: Batch, options: GenerationOptions | None = None) -> Tensor:
-        return self(batch)  # one deterministic forward pass: `options` is accepted for the common interface
+        return self(with_calibration(batch, options))  # one deterministic pass: only `options.calibration` acts

@@ -32,6 +32,7 @@ from p2es_dist.models.base import (
     TranslationModel,
     hide_templates,
     template_input,
+    with_calibration,
 )
 from p2es_dist.models.common import (
     ConditionVector,
@@ -158,4 +159,5 @@ class UNet1d(TranslationModel):
 
     @torch.no_grad()
     def generate(self, batch: Batch, options: GenerationOptions | None = None) -> Tensor:
-        return self(batch)  # deterministic regressor (dropout is off in eval mode): `options` is unused
+        # A deterministic regressor (dropout is off in eval mode): `options` only carries a calibration.
+        return self(with_calibration(batch, options))

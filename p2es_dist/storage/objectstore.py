@@ -4,6 +4,7 @@
 state directory:
 
     s3.json       the S3 identities config with the generated access key and secret (mode 0600)
+    config/       weed's `-config_dir`: security.toml with JWT keys and the gRPC certificates, new at each launch
     ports.json    the ports last used, reused on restart so the endpoint stays put
     weed.pid      the server's pid while it runs (it leads its own process group)
     weed.log      the server's stdout/stderr; glog files go to logs/
@@ -12,6 +13,9 @@ state directory:
 `weed mini` is SeaweedFS's all-in-one dev server (master, volume, filer, S3 and an admin/worker pair in one
 process). It is preferred to `weed server` because it shuts down in seconds (the filer of `weed server` waits
 15 s for its own metadata stream) and grows one volume per bucket instead of seven.
+
+Only S3 serves data without a secret: `-disableHttp` drops the filer's HTTP API and the master's token-granting
+/dir/*, security.toml's JWT keys guard the volume server's HTTP, and mutual TLS guards every gRPC port.
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from p2es_dist.errors import UserError
-from p2es_dist.storage.weed_process import ADMIN_GRPC_OFFSET, HOST, PORT_NAMES
+from p2es_dist.storage.weed_process import ADMIN_GRPC_OFFSET, HOST, PORT_NAMES, SECURITY_FILE, write_security_config
 from p2es_dist.storage.weed_process import CHILDREN as _CHILDREN
 from p2es_dist.storage.weed_process import choose_ports as _choose_ports
 from p2es_dist.storage.weed_process import is_ours as _is_ours
+from p2es_dist.storage.weed_process import server_env as _server_env
 from p2es_dist.storage.weed_process import terminate as _terminate
 
 REGION = "us-east-1"
@@ -173,14 +178,9 @@ def _command(weed: Path, state: Path, ports: dict[str, int], config: ObjectStore
         f"-admin.port={ports['admin']}", f"-admin.port.grpc={ports['admin'] + ADMIN_GRPC_OFFSET}",
         "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
         "-master.telemetry=false",  # no phoning home: these machines have no network anyway
+        "-disableHttp",  # S3 reaches the filer and master over gRPC; their HTTP data APIs only serve bypasses
         f"-s3.config={state / 's3.json'}", f"-volume.max={config.volume_max}",
     ]
-
-
-def _server_env() -> dict[str, str]:
-    # weed would read these as its own settings (S3_BUCKET pre-creates buckets, AWS_* feed cloud tiering).
-    dropped = ("S3_BUCKET", "S3_TABLE_BUCKET", "S3_EXTERNAL_URL")
-    return {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k not in dropped}
 
 
 def _round_trip(endpoint: str, access_key: str, secret_key: str) -> None:
@@ -278,11 +278,13 @@ def _launch(weed: Path, state: Path, ports: dict[str, int], config: ObjectStoreC
     log_path = state / "weed.log"
     if log_path.exists():
         os.replace(log_path, state / "weed.log.1")
+    write_security_config(state / "config")
     with open(log_path, "wb") as log:
-        # A new session: the server outlives the caller's terminal and stops as one process group.
+        # A new session: the server outlives the caller's terminal and stops as one process group. umask 077:
+        # its volumes, logs and Unix sockets (/tmp/seaweedfs-*.sock) are the owner's alone.
         proc = subprocess.Popen(
             _command(weed, state, ports, config), cwd=state, env=_server_env(),
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, umask=0o077,
         )
     _CHILDREN[proc.pid] = proc
     _write_atomic(state / "weed.pid", f"{proc.pid}\n")
@@ -312,10 +314,16 @@ def start(
     state = _resolve(state_dir)
     deadline = time.monotonic() + timeout
     with _locked(state):
+        os.chmod(state, 0o700)
         running = status(state)
-        if running is not None:
+        if running is not None and (state / "config" / SECURITY_FILE).exists():
             _wait_ready(running, _read_ports(state) or {}, timeout, deadline)
             return running
+        if running is not None:
+            # Launched before stores had a security.toml, so its filer, master and gRPC ports are open:
+            # relaunch it on the same ports, credentials and data.
+            _terminate(running.pid, config.stop_timeout)
+            (state / "weed.pid").unlink(missing_ok=True)
         weed = weed_binary()
         for sub in ("data", "logs", "config"):
             (state / sub).mkdir(exist_ok=True)

@@ -4,9 +4,11 @@ The S3 endpoint comes from an explicit `endpoint_url` (the CLI's `--s3-endpoint`
 `AWS_ENDPOINT_URL`, else AWS itself; credentials come from the standard AWS chain (env vars, ~/.aws), never from
 arguments, so no config, pickle or message here ever holds a secret.
 
-Failures become one-line `UserError`s naming the URI and the endpoint: an unreachable endpoint hints at
-`p2es objectstore start`; a missing object raises `MissingObjectError`, which is also a `FileNotFoundError`.
-Writes are atomic: a reader sees the old object or the whole new one, never a part.
+Failures become one-line `UserError`s naming the URI and the endpoint: an unreachable endpoint raises
+`UnreachableError` with a hint at `p2es objectstore start`; a missing object raises `MissingObjectError`, which
+is also a `FileNotFoundError`. Writes are atomic: a reader sees the old object or the whole new one, never a part.
+Every S3 client here retries transient failures (`S3_RETRY_ATTEMPTS` attempts, standard backoff);
+`is_transient` tells a caller whether an error is worth retrying later.
 """
 
 from __future__ import annotations
@@ -29,10 +31,24 @@ TMP_SUFFIX = ".p2es-tmp"  # local atomic writes stage here; ls() hides such left
 UNREACHABLE_HINTS = ("Could not connect", "Connection refused", "curlCode: 7", "Cannot connect to host")
 DENIED_HINTS = ("AccessDenied", "ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")
 NO_BUCKET_HINTS = ("NoSuchBucket", "specified bucket does not exist", "NO_SUCH_BUCKET")
+# Texts of failures that may pass by themselves (a store restarting, throttling, a dropped connection), as
+# botocore and pyarrow's AWS SDK word them.
+TRANSIENT_HINTS = (*UNREACHABLE_HINTS, "NETWORK_CONNECTION", "SLOW_DOWN", "SlowDown", "ServiceUnavailable",
+                   "Service Unavailable", "HTTP status 503", "INTERNAL_FAILURE", "InternalError", "Connection reset",
+                   "timed out", "Read timeout")
+# Total attempts per S3 request (the first included) for botocore (s3fs) and pyarrow alike. Standard mode
+# backs off with jitter (5 attempts wait about 7 s in botocore, 10 s in pyarrow's AWS SDK): enough for a local
+# store restart or a throttling burst, short enough that a store that is really down is reported soon.
+S3_RETRY_ATTEMPTS = 5
+S3_RETRIES = {"total_max_attempts": S3_RETRY_ATTEMPTS, "mode": "standard"}
 
 
 class MissingObjectError(UserError, FileNotFoundError):
     """The URI names nothing; callers that expect absence can `except FileNotFoundError`."""
+
+
+class UnreachableError(UserError):
+    """The storage endpoint did not answer (refused, no route, timed out): possibly only for a while."""
 
 
 # --- parsing -------------------------------------------------------------------------------------------------
@@ -90,11 +106,9 @@ def _s3fs(endpoint_url: str | None, _identity: str, _pid: int) -> fsspec.Abstrac
     # other processes (Ray workers) write the same prefixes.
     import s3fs
 
-    # botocore's legacy retry mode makes a refused connection take 5 backed-off attempts (~10 s) to report.
-    retries = {"max_attempts": 3, "mode": "standard"}
     return s3fs.S3FileSystem(
         endpoint_url=endpoint_url, use_listings_cache=False, skip_instance_cache=True,
-        config_kwargs={"connect_timeout": 10, "retries": retries},
+        config_kwargs={"connect_timeout": 10, "retries": dict(S3_RETRIES)},
     )
 
 
@@ -115,7 +129,8 @@ def pyarrow_filesystem(uri: str | os.PathLike, *, endpoint_url: str | None = Non
     """(pyarrow filesystem, path within it), e.g. for Ray Data's `filesystem=` argument.
 
     Credentials are left to the AWS chain of whichever process uses it, so pickling it to Ray workers
-    carries the endpoint only.
+    carries the endpoint only. So does the retry strategy: pyarrow drops it when pickling, and a worker's
+    copy retries with pyarrow's default (3 attempts, the same standard strategy).
     """
     uri = str(uri)
     if not is_s3(uri):
@@ -126,7 +141,8 @@ def pyarrow_filesystem(uri: str | os.PathLike, *, endpoint_url: str | None = Non
     if url := endpoint(endpoint_url):
         parsed = urllib.parse.urlparse(url)
         options.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
-    return pafs.S3FileSystem(**options), _s3_path(uri)
+    retry = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS)
+    return pafs.S3FileSystem(retry_strategy=retry, **options), _s3_path(uri)
 
 
 # --- errors --------------------------------------------------------------------------------------------------
@@ -153,7 +169,7 @@ def _translate(exc: BaseException, uri: str, endpoint_url: str | None) -> UserEr
     if is_s3(uri) and (
         isinstance(exc, bexc.EndpointConnectionError | ConnectionError) or any(h in text for h in UNREACHABLE_HINTS)
     ):
-        return UserError(
+        return UnreachableError(
             f"{uri}: cannot reach {where} (connection refused or no route); "
             "for the local store run `p2es objectstore start` and export what it prints"
         )
@@ -168,6 +184,32 @@ def _translate(exc: BaseException, uri: str, endpoint_url: str | None) -> UserEr
     if isinstance(exc, OSError | bexc.BotoCoreError | bexc.ClientError):
         return UserError(f"{uri}: storage error at {where}: {_redact(text)}")
     return None
+
+
+def storage_error(exc: BaseException, uri: str | os.PathLike, *, endpoint_url: str | None = None) -> UserError | None:
+    """The one-line UserError `storage_errors` would raise for `exc` at `uri`; None for a non-storage error."""
+    if isinstance(exc, UserError):
+        return exc
+    return _translate(exc, str(uri), endpoint_url)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage failure may pass if retried later (unreachable, throttled, dropped), as opposed to a
+    missing object, a denied request or a bug."""
+    import botocore.exceptions as bexc
+
+    if isinstance(exc, UnreachableError):
+        return True
+    if isinstance(exc, MissingObjectError | FileNotFoundError | PermissionError):
+        return False
+    if isinstance(exc, bexc.ConnectionError | bexc.HTTPClientError | ConnectionError | TimeoutError):
+        return True
+    text = f"{type(exc).__name__}: {exc}"
+    if any(hint in text for hint in DENIED_HINTS + NO_BUCKET_HINTS):
+        return False
+    # A UserError of `storage_errors` keeps the original text; its cause is lost when it crosses a Ray process.
+    storage_types = OSError | bexc.BotoCoreError | bexc.ClientError | UserError
+    return isinstance(exc, storage_types) and any(hint in text for hint in TRANSIENT_HINTS)
 
 
 @contextlib.contextmanager

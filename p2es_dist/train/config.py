@@ -49,9 +49,11 @@ class TrainSection:
     val_batches: int = 8  # per worker; 0 means the whole val split
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
-    max_failures: int = 1
+    max_failures: int = 1  # worker-group restarts by Ray Train, each from the latest checkpoint
+    storage_retries: int = 3  # fits again after a transient storage failure (trainer.fit_with_storage_retries)
+    storage_retry_delay_s: float = 10.0  # before the first of those; doubles each time
     storage_path: str = "runs"
-    run_name: str | None = None  # a fixed name resumes a run resubmitted with the same config
+    run_name: str | None = None  # default: stable per config and --out, so the same command resumes its run
     seed: int = 0
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
@@ -61,6 +63,9 @@ class TrainSection:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        for name in ("storage_retries", "storage_retry_delay_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass

@@ -1,7 +1,12 @@
-"""DeepSpeed from a `train:` section: engine, LR schedule, checkpoints, consolidated fp32 weights."""
+"""DeepSpeed from a `train:` section: engine, LR schedule, checkpoints, consolidated fp32 weights.
+
+Checkpoints are saved with a manifest of their files' hashes and loaded only after it checks out, and then
+weights-only (`checkpoint_manifest`): resuming or consolidating never runs code from a checkpoint file.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -10,9 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from p2es_dist.errors import UserError
+from p2es_dist.train.checkpoint_manifest import load_tensors, verify_manifest, weights_only_loads, write_manifest
 from p2es_dist.train.config import TrainSection
 
 CHECKPOINT_TAG = "checkpoint"
+TRAIN_STATE = "train_state.json"
 
 
 class LossModule(nn.Module):
@@ -77,15 +85,63 @@ def build_engine(model: nn.Module, train: TrainSection, *, batch_size: int):
     return engine
 
 
+def save_training_checkpoint(engine, folder: str | Path, *, step: int, rank: int, world_size: int,
+                             train_state: dict[str, Any] | None = None) -> None:
+    """This rank's DeepSpeed files (and rank 0's `train_state.json`) into `folder`, then their manifest.
+
+    Every rank calls it with its own folder (DeepSpeed's save is collective); Ray Train merges the folders.
+    """
+    engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state={"step": step})
+    if train_state is not None and rank == 0:
+        Path(folder, TRAIN_STATE).write_text(json.dumps(train_state))
+    write_manifest(folder, rank=rank, world_size=world_size)
+
+
+def _weights_only_engine(config):
+    """DeepSpeed's torch checkpoint engine reading each file through `load_tensors` (weights-only, and a
+    refusal names the file)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return load_tensors(path, map_location=map_location)
+
+    return WeightsOnlyCheckpointEngine(config)
+
+
+def load_training_checkpoint(engine, folder: str | Path) -> int:
+    """Resume `engine` from a merged checkpoint folder after verifying its manifest; returns its step."""
+    verify_manifest(folder)
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    saving_engine = engine.checkpoint_engine
+    if type(saving_engine) is not TorchCheckpointEngine:
+        # Our configs never pick another engine; one would read files its own way, past the guard below.
+        raise UserError(f"{folder}: resuming needs DeepSpeed's torch checkpoint engine, the config picked "
+                        f"{type(saving_engine).__name__}")
+    engine.checkpoint_engine = _weights_only_engine(engine._config)
+    try:
+        # Any torch.load DeepSpeed makes outside the checkpoint engine is forced weights-only too.
+        with weights_only_loads():
+            load_path, client_state = engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG)
+    finally:
+        engine.checkpoint_engine = saving_engine
+    if load_path is None or not client_state or "step" not in client_state:
+        raise UserError(f"{folder}: DeepSpeed found no {CHECKPOINT_TAG!r} checkpoint with a step to resume from")
+    return int(client_state["step"])
+
+
 def consolidated_state_dict(checkpoint_dir: str | Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """fp32 weights of the bare model (no `model.` prefix) from a merged DeepSpeed checkpoint folder."""
+    """fp32 weights of the bare model (no `model.` prefix) from a merged DeepSpeed checkpoint folder,
+    verified against its manifest and read weights-only."""
     checkpoint_dir = Path(checkpoint_dir)
+    verify_manifest(checkpoint_dir)
     if zero_stage == 0:
         # Stage 0 keeps whole fp32 weights with the module states; nothing is partitioned.
-        states = torch.load(checkpoint_dir / CHECKPOINT_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=False)["module"]
+        states = load_tensors(checkpoint_dir / CHECKPOINT_TAG / "mp_rank_00_model_states.pt")["module"]
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        states = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=CHECKPOINT_TAG)
+        with weights_only_loads():  # zero_to_fp32 asks torch.load for weights_only=False; this overrides it
+            states = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=CHECKPOINT_TAG)
     return {key.removeprefix("model."): value.detach().float().contiguous() for key, value in states.items()}

@@ -2,7 +2,9 @@
 
 Checkpoints: every rank calls DeepSpeed's `save_checkpoint` into its own temporary folder and reports
 it; Ray Train V2 merges the ranks' files into one checkpoint folder in storage, so ZeRO partitions of
-every rank sit together and a restarted worker group reloads them with `load_checkpoint`.
+every rank sit together and a restarted worker group reloads them with `load_checkpoint`. Each rank's folder
+carries a manifest of its files' SHA-256 (`engine.save_training_checkpoint`); a resume verifies them all
+and loads weights-only (`engine.load_training_checkpoint`), so a checkpoint file never runs code here.
 
 Recovery: rank 0 drops an attempt marker in the run folder at every (re)start, so the driver counts
 failures from storage, and `fault.kill_rank` kills that worker once, on the first attempt only.
@@ -18,14 +20,13 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from p2es_dist.storage import uri as uri_lib
 from p2es_dist.train.config import SELECTION_METRIC
-from p2es_dist.train.engine import CHECKPOINT_TAG, build_engine, use_bf16
+from p2es_dist.train.engine import build_engine, load_training_checkpoint, save_training_checkpoint, use_bf16
 
 # The loss part that is a model's reconstruction error, by preference: P2Es' x0 prediction, the
 # regressors' (and student's) MSE, the foundation encoder's masked-patch reconstruction.
@@ -146,8 +147,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     step, restored_from = 0, None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            _, client_state = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
-        step = restored_from = int(client_state["step"])
+            step = restored_from = load_training_checkpoint(engine, folder)
 
     last_log, begin, window_count = time.perf_counter(), time.perf_counter(), 0
     while step < job.train.max_steps:
@@ -181,10 +181,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics.update(_validate(engine, job, device))
         if save:
             with tempfile.TemporaryDirectory() as folder:
-                engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, client_state={"step": step})
-                if rank == 0:
-                    Path(folder, "train_state.json").write_text(json.dumps(
-                        {"step": step, "model": job.model, "zero_stage": job.train.deepspeed.zero_stage}))
+                save_training_checkpoint(engine, folder, step=step, rank=rank, world_size=context.get_world_size(),
+                                         train_state={"step": step, "model": job.model,
+                                                      "zero_stage": job.train.deepspeed.zero_stage})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                                  checkpoint_dir_name=f"step-{step:08d}")
         else:

@@ -4,14 +4,21 @@
 
 After `fit`, the driver reads the last checkpoint (every rank's DeepSpeed files, merged by Ray Train),
 consolidates fp32 weights into `model.safetensors` beside it, and writes `result.json`.
+
+A run's name is stable (`stable_run_name`): running the same command again resumes the run from its latest
+checkpoint, and a run whose storage failed for a while is fitted again the same way (`fit_with_storage_retries`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import sys
 import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +28,55 @@ from p2es_dist.train.config import SELECTION_METRIC, SELECTION_MODE, JobConfig, 
 
 log = logging.getLogger("p2es.train")
 
+# Keys that do not change what a run trains, so they stay out of its name: where it lives and how failures
+# and old checkpoints are handled, loader speed knobs, the population (derived from data.uris), fault injection.
+NON_IDENTITY_KEYS = {
+    "train": ("run_name", "storage_path", "max_failures", "keep_checkpoints", "storage_retries",
+              "storage_retry_delay_s"),
+    "data": ("prefetch_batches", "block_rows"),
+    "model": ("population",),
+}
+# Where Ray Train V2 keeps a run's checkpoint list; it resumes a run whose folder holds one.
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
-def run_name(job: JobConfig) -> str:
-    return job.train.run_name or f"{job.model['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+def stable_run_name(job: JobConfig, out: str | None = None) -> str:
+    """`<model>-<hash>`: the same for the same resolved config and output folder, whatever the spelling
+    of the command (key order, defaults written out), different when anything that is trained changes."""
+    identity = {section: dict(values) for section, values in job.as_dict().items() if section != "fault"}
+    for section, keys in NON_IDENTITY_KEYS.items():
+        for key in keys:
+            identity[section].pop(key, None)
+    identity["out"] = str(Path(out).expanduser().resolve()) if out else None
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{job.model['name']}-{digest}"
+
+
+def run_name(job: JobConfig, *, out: str | None = None, fresh: bool = False) -> str:
+    """`train.run_name` when set, else the stable name; `fresh` makes a new one that no earlier run has."""
+    if job.train.run_name:
+        if fresh:
+            raise UserError(f"--fresh starts a new run under a new name, but train.run_name={job.train.run_name} "
+                            "fixes the name: drop one of them")
+        return job.train.run_name
+    name = stable_run_name(job, out)
+    if fresh:
+        name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    return name
+
+
+def resumable_step(job: JobConfig, name: str) -> int | None:
+    """The step of the checkpoint Ray Train will resume run `name` from; None when it starts from scratch."""
+    try:
+        text = uri_lib.read_text(uri_lib.join(job.train.storage_path, name, SNAPSHOT_FILE))
+    except FileNotFoundError:
+        return None
+    try:
+        latest = json.loads(text).get("latest_checkpoint_result") or {}
+    except ValueError:
+        return None  # Ray Train will say what is wrong with its own file
+    step = (latest.get("metrics") or {}).get("step")
+    return int(step) if isinstance(step, int | float) else None
 
 
 def _storage(job: JobConfig) -> tuple[str, Any]:
@@ -41,22 +94,22 @@ def _storage(job: JobConfig) -> tuple[str, Any]:
 def with_population(config: dict[str, Any]) -> dict[str, Any]:
     """The config with `model.population` filled in for a model that takes calibration templates.
 
-    The population (median beat per lead and median PAT of the training records, `data/calibration.py`)
-    comes from the `train` split of `data.uris` only, and is written into the model section, so every
-    checkpoint carries the zero-shot template its model was trained with.
+    The population (median beat per lead, median PAT and its spread of the training records, pooled and
+    per source, `data/calibration.py`) comes from the `train` split of `data.uris` only, and is written
+    into the model section, so every checkpoint carries the zero-shot template its model was trained with.
     """
     model = config.get("model") or {}
     if not model.get("use_template") or model.get("population"):
         return config
-    from p2es_dist.data.calibration import population_from_shards
+    from p2es_dist.data.calibration import population_from_shards, population_json, populations_by_source
 
-    profile = population_from_shards(list((config.get("data") or {}).get("uris") or []))
+    uris = list((config.get("data") or {}).get("uris") or [])
+    profile = population_from_shards(uris)
     if profile is None:
         log.warning("model.use_template: the training data carry no calibration (shard schema < 2 or no paired "
                     "record in train): no population template, zero-shot windows get no template")
         return config
-    population = profile.to_json()
-    population = {key: population[key] for key in ("fs", "pat_s", "pat_iqr_s", "n_beats", "beat", "source")}
+    population = population_json(profile, populations_by_source(uris))
     return {**config, "model": {**model, "population": population}}
 
 
@@ -70,7 +123,7 @@ def build_torch_trainer(config: dict[str, Any], *, run_config=None, name: str | 
 
     config = with_population(config)
     job = parse_job_config(config)
-    name = name or run_name(job)
+    name = name or stable_run_name(job)
     storage_path, filesystem = _storage(job)
     if run_config is None:
         run_config = ray.train.RunConfig(
@@ -129,26 +182,108 @@ def select_checkpoint(best_checkpoints: list[tuple[Any, dict[str, Any]]] | None,
     return checkpoint, dict(metrics)
 
 
-def run_training(config: dict[str, Any], *, out: str | None = None) -> dict[str, Any]:
+def _nested_errors(error: BaseException) -> Iterator[BaseException]:
+    """`error` and what Ray Train wrapped in it: the controller's failure, each worker's, their causes."""
+    stack, seen = [error], set()
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        workers = getattr(current, "worker_failures", None) or {}
+        stack += [workers[rank] for rank in sorted(workers, reverse=True)]
+        stack += [getattr(current, name, None) for name in ("cause", "_base_exc", "controller_failure")]
+        stack.append(current.__cause__)
+
+
+def failure_cause(error: BaseException) -> BaseException:
+    """The error Ray wrapped: a controller's failure, the lowest failing rank's error, a task's exception."""
+    current, seen = error, set()
+    while type(current).__module__.startswith("ray.") and id(current) not in seen:
+        seen.add(id(current))
+        workers = getattr(current, "worker_failures", None)
+        inner = ((workers[min(workers)] if workers else None) or getattr(current, "controller_failure", None)
+                 or getattr(current, "_base_exc", None) or getattr(current, "cause", None) or current.__cause__)
+        if inner is None:
+            break
+        current = inner
+    return current
+
+
+def fit_with_storage_retries(fit: Callable[[], Any], job: JobConfig, name: str, *,
+                             sleep: Callable[[float], None] = time.sleep) -> Any:
+    """`fit()`, fitted again (resuming from the latest checkpoint) after a transient storage failure.
+
+    Ray Train restarts failed workers itself (`train.max_failures`), at once; it does not retry its
+    controller's own storage errors, and an endpoint down for a minute outlasts immediate restarts. So a
+    run that stopped on an unreachable or throttling store is fitted again, up to `train.storage_retries`
+    times, after `train.storage_retry_delay_s` doubling each time. Other failures become one-line UserErrors.
+    """
+    run_uri = uri_lib.join(job.train.storage_path, name)
+    for retry in range(job.train.storage_retries + 1):
+        try:
+            step = resumable_step(job, name)
+            if step is None:
+                print(f"starting run {name} (the same command resumes it; --fresh starts over)", file=sys.stderr)
+            else:
+                print(f"resuming run {name} from step {step}", file=sys.stderr)
+            return fit()
+        except Exception as exc:  # sorted below: retried, re-raised, or made a one-line UserError
+            cause = failure_cause(exc)
+            transient = any(uri_lib.is_transient(e) for e in _nested_errors(exc))
+            if transient and retry < job.train.storage_retries:
+                delay = job.train.storage_retry_delay_s * 2**retry
+                log.warning("run %s stopped on a storage error (%s); resuming it in %.0f s (retry %d of %d)",
+                            name, _one_line(cause), delay, retry + 1, job.train.storage_retries)
+                sleep(delay)
+                continue
+            if isinstance(exc, UserError) and exc is cause and not retry:
+                raise
+            message = uri_lib.storage_error(cause, run_uri) if transient else None
+            what = _one_line(message if message is not None else cause)
+            retried = f" after {retry} storage retr{'y' if retry == 1 else 'ies'}" if retry else ""
+            raise UserError(f"training run {name} stopped{retried}: {what} (checkpoints under {run_uri}; "
+                            "the same command resumes it)") from exc
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _one_line(error: BaseException) -> str:
+    """A UserError's message, else `Type: line`: the last line of a message holding a traceback, else the first."""
+    if isinstance(error, UserError):
+        return " ".join(str(error).split())
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = (lines[-1] if "Traceback (most recent call last)" in str(error) else lines[0]) if lines else ""
+    return f"{type(error).__name__}: {line}".rstrip(": ")
+
+
+def _attempt_count(run_uri: str) -> int:
+    return len(uri_lib.ls(uri_lib.join(run_uri, "attempts"), suffix=".json", missing_ok=True))
+
+
+def run_training(config: dict[str, Any], *, out: str | None = None, fresh: bool = False) -> dict[str, Any]:
     """Fit, consolidate, summarise. Raises UserError when training fails for good.
 
+    The run's name is stable (`run_name`), so the same call again resumes it; `fresh` starts a new run.
     The summary's `checkpoint` (and `weights`) is the kept checkpoint with the lowest validation
     reconstruction error (`SELECTION_METRIC`), not necessarily the last; `steps` and `val` are the last
-    report's, `selected` says which step was chosen and why.
+    report's, `selected` says which step was chosen and why; `failures` counts this call's restarts.
     """
     config = with_population(config)
     job = parse_job_config(config)
-    name = run_name(job)
-    trainer = build_torch_trainer(config, name=name)
-    result = trainer.fit()
+    name = run_name(job, out=out, fresh=fresh)
     run_uri = uri_lib.join(job.train.storage_path, name)
-    if result.error is not None:
-        raise UserError(f"training failed after {job.train.max_failures} restart(s): {result.error} "
-                        f"(logs and checkpoints under {run_uri})")
+    attempts_before: list[int] = []
+
+    def fit():
+        attempts_before.append(_attempt_count(run_uri))
+        return build_torch_trainer(config, name=name).fit()
+
+    result = fit_with_storage_retries(fit, job, name)
     if result.checkpoint is None:
         raise UserError(f"training finished without a checkpoint (train.max_steps={job.train.max_steps})")
     metrics = dict(result.metrics or {})
-    attempts = len(uri_lib.ls(uri_lib.join(run_uri, "attempts"), suffix=".json", missing_ok=True))
+    attempts = _attempt_count(run_uri) - attempts_before[0]
     selected, selected_metrics = select_checkpoint(result.best_checkpoints, result.checkpoint, metrics)
     summary = {
         "run": run_uri,

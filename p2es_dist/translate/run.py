@@ -3,11 +3,13 @@
     signal = read_ppg("a103l.hea")                         # translate.io
     ecg_mv, info = translate_signal(loaded, signal, config=TranslateConfig())
 
-Steps: repair short NaN gaps (longer ones are an error naming where they are), resample to 125 Hz
-(scipy.signal.resample_poly) and band-pass as ingest does (`data.preprocess.resample`/`bandpass`, the
-bundle's band when it states one), cut 1024-sample windows every `hop` samples (translate.stitch),
+Steps (translate.stream runs them chunk by chunk, in memory bounded whatever the input's length): repair
+short non-finite gaps (longer ones, and a flat PPG, are an error naming where they are), resample to
+125 Hz (scipy.signal.resample_poly) and band-pass as ingest does (`data.preprocess.resample`/`bandpass`,
+the bundle's band when it states one), cut 1024-sample windows every `hop` samples (translate.stitch),
 min-max each window to [-1, 1] (`ppg_to_model_space`), generate in batches, stitch the windows back by
-normalised Hann overlap-add, and scale to mV.
+normalised Hann overlap-add, and scale to mV. `translate_file` writes the record as it goes
+(`io.EcgRecordWriter`); `translate_signal` returns it in memory.
 
 Output length: exactly the length of the 125 Hz resampled input, ceil(n * 125 / fs) samples for a rate
 that is a simple ratio of 125 Hz (100/250/360/500/1000 Hz...), so the record lasts as long as the input.
@@ -21,6 +23,8 @@ header comments say so.
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,16 +32,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from p2es_dist.constants import FS, LABELS, N_LEADS, WINDOW
+from p2es_dist.constants import FS, LABELS, LEAD_INDEX, N_LEADS, WINDOW
 from p2es_dist.data import timing
 from p2es_dist.data.calibration import CalibrationProfile
-from p2es_dist.data.normalize import ppg_to_model_space
-from p2es_dist.data.preprocess import PreprocessConfig, bandpass, resample
+from p2es_dist.data.preprocess import PreprocessConfig
+from p2es_dist.data.splits import subject_hash
 from p2es_dist.errors import UserError
 from p2es_dist.models.base import GenerationOptions, TranslationModel
 from p2es_dist.models.checkpoint import LoadedModel
-from p2es_dist.translate.io import PPGSignal
-from p2es_dist.translate.stitch import cut_windows, overlap_add, window_starts
+from p2es_dist.translate.io import PPGSignal, PPGStream, check_fs
+from p2es_dist.translate.stitch import window_starts
+from p2es_dist.translate.stream import StreamConfig, condition, find_upstrokes, repair_gaps, stitched
+
+__all__ = ["TranslateConfig", "repair_gaps", "translate_file", "translate_signal"]
 
 DEFAULT_ECG_SCALE_MV = 1.0
 PNG_SECONDS = 10.0  # the span of a standard 12-lead printout
@@ -52,6 +59,25 @@ class TranslateConfig:
     ecg_scale_mv: float | None = None  # mV per model-space unit; None: the bundle's, else 1.0
     age: float | None = None  # None: from the input's header when it states one
     sex: int | None = None  # 0 female, 1 male, -1 unknown; None: from the input's header
+    # Without a calibration: the training source whose population template (PAT, beat) to use, e.g.
+    # "bidmc" for a fingertip PPG like BIDMC's; None: all training records pooled (`population_sources`).
+    population: str | None = None
+
+
+def population_sources(model: TranslationModel) -> list[str]:
+    """The training sources a template model has its own zero-shot population for (`--population`)."""
+    config = getattr(model, "config", None)
+    population = getattr(config, "population", None) or {}
+    return sorted(population.get("by_source") or {})
+
+
+def check_population(model: TranslationModel, name: str | None) -> None:
+    if name is None:
+        return
+    sources = population_sources(model)
+    if name not in sources:
+        raise UserError(f"--population {name}: the model has a zero-shot population for "
+                        f"{', '.join(sources) if sources else 'no source (it takes no template, or predates them)'}")
 
 
 def preprocess_config(metadata: dict[str, Any]) -> PreprocessConfig:
@@ -64,39 +90,6 @@ def preprocess_config(metadata: dict[str, Any]) -> PreprocessConfig:
         if key in stated:
             setattr(config, key, type(getattr(config, key))(stated[key]))
     return config
-
-
-def repair_gaps(values: np.ndarray, fs: float, *, max_gap_s: float, source: str) -> np.ndarray:
-    """Linear interpolation over NaN runs up to `max_gap_s`; a longer run is a UserError saying where."""
-    nan = np.isnan(values)
-    if not nan.any():
-        return values
-    if nan.all():
-        raise UserError(f"--input {source}: the PPG has no finite sample")
-    edges = np.diff(np.concatenate([[0], nan.astype(np.int8), [0]]))
-    starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    too_long = (stops - starts) > max_gap_s * fs
-    if too_long.any():
-        where = ", ".join(f"{a / fs:.2f}-{b / fs:.2f} s" for a, b in zip(starts[too_long][:3], stops[too_long][:3],
-                                                                        strict=True))
-        more = f" and {int(too_long.sum()) - 3} more" if too_long.sum() > 3 else ""
-        raise UserError(f"--input {source}: {int(too_long.sum())} NaN gap(s) in the PPG longer than the "
-                        f"{max_gap_s} s interpolation limit, at {where}{more}; cut the record around them")
-    index = np.arange(len(values))
-    filled = values.copy()
-    filled[nan] = np.interp(index[nan], index[~nan], values[~nan])
-    return filled
-
-
-def condition_ppg(signal: PPGSignal, config: PreprocessConfig) -> np.ndarray:
-    """Raw PPG -> gap-repaired, 125 Hz, band-passed (n,) float64 signal."""
-    filled = repair_gaps(signal.values, signal.fs, max_gap_s=config.max_gap_s, source=signal.source)
-    at_rate = resample(filled, signal.fs, FS)
-    if len(at_rate) < WINDOW:
-        raise UserError(f"--input {signal.source}: {len(signal.values)} samples at {signal.fs:g} Hz "
-                        f"({len(signal.values) / signal.fs:.2f} s) are shorter than one window: "
-                        f"{WINDOW} samples at {FS} Hz ({WINDOW / FS:.3f} s) are needed")
-    return bandpass(at_rate, config.ppg_band_hz, config.filter_order)
 
 
 def make_batch(ppg_windows: np.ndarray, *, age: float | None, sex: int) -> dict[str, torch.Tensor]:
@@ -125,12 +118,14 @@ def stated_generation(model: TranslationModel, metadata: dict[str, Any]) -> dict
 
 def generate_windows(loaded: LoadedModel, ppg_windows: np.ndarray, *, config: TranslateConfig, age: float | None,
                      sex: int, templates: tuple[np.ndarray, np.ndarray] | None = None,
-                     upstrokes: np.ndarray | None = None) -> np.ndarray:
+                     upstrokes: np.ndarray | None = None, first_batch: int = 0) -> np.ndarray:
     """(k, L) model-space PPG -> (k, 12, L) model-space ECG, `config.batch_size` windows at a time.
 
     `templates`: the calibration's (k, 12, L) model-space templates and (12,) lead mask, or None.
     `upstrokes`: (k, K) PPG upstrokes per window (`data.batches.upstroke_array`), for models that place
     their training population's beat there when there is no calibration.
+    `first_batch`: the number of the first batch in the whole signal (its seed), when these windows are
+    one group of a longer signal's.
     """
     options = GenerationOptions.from_settings(stated_generation(loaded.model, loaded.metadata))
     if config.steps is not None and loaded.model.stochastic:
@@ -141,12 +136,14 @@ def generate_windows(loaded: LoadedModel, ppg_windows: np.ndarray, *, config: Tr
         batch = make_batch(ppg_windows[first:first + config.batch_size], age=age, sex=sex)
         if upstrokes is not None:
             batch["upstrokes"] = torch.from_numpy(np.ascontiguousarray(upstrokes[first:first + config.batch_size]))
+        if config.population is not None:
+            batch["source"] = torch.full((len(batch["ppg"]),), subject_hash(config.population), dtype=torch.int64)
         if templates is not None:
             chunk = templates[0][first:first + config.batch_size]
             batch["template"] = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
             batch["template_mask"] = torch.from_numpy(np.repeat(templates[1][None], len(chunk), axis=0))
         # One seed per batch: the same input, seed and batch size give the same record.
-        generated = loaded.model.generate(batch, options.with_seed(config.seed + number))
+        generated = loaded.model.generate(batch, options.with_seed(config.seed + first_batch + number))
         outputs.append(generated.detach().float().cpu().numpy())
     return np.concatenate(outputs)
 
@@ -167,62 +164,112 @@ def window_upstrokes(upstrokes: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return upstroke_array(pa.array([row.tolist() for row in rows], pa.list_(pa.int32())))
 
 
-def calibration_templates(profile: CalibrationProfile, upstrokes: np.ndarray, length: int,
+def calibration_templates(profile: CalibrationProfile, upstrokes: np.ndarray,
                           starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The profile's template for the whole conditioned PPG (its `upstrokes`, `length` samples), cut into
-    model-space windows, and its mask.
+    """The profile's template for windows at `starts` of a signal with these `upstrokes`, as model-space
+    windows, and its mask.
 
-    Rendered once over the whole signal, as ingest does, so beats whose pulse lies past a window's end
-    still reach into it.
+    Rendered over the windows' whole span with every upstroke that can place a beat in it
+    (`timing.upstroke_margin`), as ingest renders it over the whole signal: beats whose pulse lies past a
+    window's end still reach into it, and the span's samples equal the whole signal's.
     """
-    full, mask = profile.template(upstrokes, length)
-    windows = np.stack([full[:, start:start + WINDOW] for start in starts])
+    first, stop = int(starts[0]), int(starts[-1]) + WINDOW
+    before, after = timing.upstroke_margin()
+    near = upstrokes[(upstrokes >= first - before) & (upstrokes < stop + after)] - first
+    span, mask = profile.template(near, stop - first)
+    windows = np.stack([span[:, start - first:start - first + WINDOW] for start in starts])
     return timing.normalise_template(windows, np.broadcast_to(mask, (len(starts), N_LEADS))), mask
 
 
-def translate_signal(loaded: LoadedModel, signal: PPGSignal, *, config: TranslateConfig,
-                     calibration: CalibrationProfile | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """A PPG signal -> ((12, n) ECG in mV at 125 Hz, a summary of how it was made).
+def amplitude_scale(config: TranslateConfig, metadata: dict[str, Any], calibration: CalibrationProfile | None) -> float:
+    """mV per model unit: the calibration beat's peak when calibrated in mV, else `ecg_scale`."""
+    if calibration is not None and config.ecg_scale_mv is None and calibration.units == "mV":
+        return max(float(np.abs(beat).max()) for beat in calibration.beat.values())
+    return ecg_scale(config, metadata)
 
-    With a `calibration` profile, models that take a template (`use_template`) get the patient's, and
-    amplitudes follow the patient's beat (one model unit = the largest |mean beat| over its leads).
+
+def translate_stream(loaded: LoadedModel, signal: PPGSignal | PPGStream, *, config: TranslateConfig,
+                     write: Callable[[np.ndarray], None], scratch: str | Path,
+                     calibration: CalibrationProfile | None = None,
+                     stream: StreamConfig | None = None) -> dict[str, Any]:
+    """A PPG input -> (12, m) blocks of ECG in mV at 125 Hz handed to `write` in order; a summary.
+
+    `scratch`: a folder for the conditioned PPG (8 bytes per 125 Hz sample). With a `calibration`
+    profile, models that take a template (`use_template`) get the patient's, and amplitudes follow the
+    patient's beat (one model unit = the largest |mean beat| over its leads).
     """
     if not isinstance(loaded.model, TranslationModel):
         raise UserError(f"--model {loaded.uri}: model {loaded.name!r} does not translate PPG to ECG "
                         "(expected a teacher, student or baseline)")
     if not 1 <= config.hop <= WINDOW:
         raise UserError(f"--hop: expected 1 to {WINDOW} samples, got {config.hop}")
-    ppg = condition_ppg(signal, preprocess_config(loaded.metadata))
-    starts = window_starts(len(ppg), WINDOW, config.hop)
-    windows = ppg_to_model_space(cut_windows(ppg, starts, WINDOW))
+    check_fs(signal.fs, what=f"--input {signal.source}: its rate")
+    stream = stream or StreamConfig()
+    preprocess = preprocess_config(loaded.metadata)
+    conditioned = condition(signal, preprocess, Path(scratch) / "ppg.f64", stream)
+    upstrokes = find_upstrokes(conditioned, stream)
+    starts = window_starts(conditioned.n, WINDOW, config.hop)
     age = config.age if config.age is not None else signal.age
     sex = config.sex if config.sex is not None else signal.sex
-    upstrokes = timing.ppg_upstrokes(ppg)  # once, on the whole signal
-    templates = None if calibration is None else calibration_templates(calibration, upstrokes, len(ppg), starts)
+    scale = amplitude_scale(config, loaded.metadata, calibration)
+
+    def generate(windows: np.ndarray, these: np.ndarray, first: int) -> np.ndarray:
+        templates = None if calibration is None else calibration_templates(calibration, upstrokes, these)
+        return generate_windows(loaded, windows, config=config, age=age, sex=sex, templates=templates,
+                                upstrokes=window_upstrokes(upstrokes, these), first_batch=first // config.batch_size)
+
+    # Whole batches per group, so each batch (and its seed) is the one the whole signal would have.
+    group = config.batch_size * max(1, stream.group_windows // config.batch_size)
     with torch.inference_mode():
-        generated = generate_windows(loaded, windows, config=config, age=age, sex=sex, templates=templates,
-                                     upstrokes=window_upstrokes(upstrokes, starts))
-    scale = ecg_scale(config, loaded.metadata)
-    if calibration is not None and config.ecg_scale_mv is None and calibration.units == "mV":
-        scale = max(float(np.abs(beat).max()) for beat in calibration.beat.values())
-    ecg_mv = overlap_add(generated, starts, len(ppg)) * scale
-    info = {**asdict(config), "n_samples": len(ppg), "duration_s": len(ppg) / FS, "n_windows": len(starts),
-            "ecg_scale_mv": scale, "input_fs": signal.fs, "channel": signal.channel, "age": age, "sex": sex,
+        for block in stitched(conditioned, starts, generate, group=group):
+            write(block * scale)
+    scan = conditioned.artefacts
+    return {**asdict(config), "n_samples": conditioned.n, "duration_s": conditioned.n / FS, "n_windows": len(starts),
+            "ecg_scale_mv": scale, "input_fs": signal.fs, "input_samples": scan.n, "channel": signal.channel,
+            "age": age, "sex": sex, "repaired_samples": scan.repaired, "repaired_gaps": scan.repaired_gaps,
+            "max_gap_s": preprocess.max_gap_s, "flat_line_s": preprocess.flat_s,
+            "flat_runs_s": [[round(a, 3), round(b, 3)] for a, b in scan.flat_seconds()],
             "generation": stated_generation(loaded.model, loaded.metadata),
             "calibration": None if calibration is None else {
                 "pat_s": calibration.pat_s, "leads": sorted(calibration.beat), "source": calibration.source,
                 "template_used": bool(getattr(getattr(loaded.model, "config", None), "use_template", False))}}
-    return ecg_mv, info
 
 
-def header_comments(loaded: LoadedModel, signal: PPGSignal, info: dict[str, Any]) -> list[str]:
+def translate_signal(loaded: LoadedModel, signal: PPGSignal | PPGStream, *, config: TranslateConfig,
+                     calibration: CalibrationProfile | None = None,
+                     stream: StreamConfig | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """A PPG signal -> ((12, n) ECG in mV at 125 Hz, a summary of how it was made), in memory
+    (`translate_stream`; `translate_file` writes long inputs without holding them)."""
+    blocks: list[np.ndarray] = []
+    with tempfile.TemporaryDirectory(prefix="p2es-translate-") as scratch:
+        info = translate_stream(loaded, signal, config=config, write=blocks.append, scratch=scratch,
+                                calibration=calibration, stream=stream)
+    return np.concatenate(blocks, axis=1), info
+
+
+def notices(info: dict[str, Any]) -> list[str]:
+    """One line per repair or warning about the input, for the user and the record's header."""
+    lines = []
+    if info.get("repaired_samples"):
+        lines.append(f"PPG repaired: {info['repaired_samples']} non-finite sample(s) (NaN/inf) in "
+                     f"{info['repaired_gaps']} gap(s) of at most {info['max_gap_s']:g} s, linearly interpolated")
+    if info.get("flat_runs_s"):
+        runs = info["flat_runs_s"]
+        where = ", ".join(f"{a:.2f}-{b:.2f} s" for a, b in runs[:3])
+        more = f" and {len(runs) - 3} more" if len(runs) > 3 else ""
+        lines.append(f"PPG flat (one value for {info['flat_line_s']:g} s or longer) at {where}{more}: the ECG "
+                     "there does not come from a pulse")
+    return lines
+
+
+def header_comments(loaded: LoadedModel, signal: PPGSignal | PPGStream, info: dict[str, Any]) -> list[str]:
     from p2es_dist import __version__
 
     sex = {0: "F", 1: "M"}.get(info["sex"])
     return [
         f"Generated by p2es translate {__version__} from PPG: a model output, not a recording",
         f"Input: {Path(signal.source).name} channel {signal.channel} at {signal.fs:g} Hz, "
-        f"{len(signal.values)} samples",
+        f"{info['input_samples']} samples",
         f"Model: {loaded.name} ({loaded.kind}, weights sha256 {loaded.digest[:16]})",
         (f"Calibration: {info['calibration']['source']}, PAT {info['calibration']['pat_s'] * 1000:.0f} ms; 1 model "
          f"unit written as {info['ecg_scale_mv']:g} mV, the calibration beat's peak"
@@ -232,30 +279,35 @@ def header_comments(loaded: LoadedModel, signal: PPGSignal, info: dict[str, Any]
         f"Windows: {WINDOW} samples at {FS} Hz, hop {info['hop']}, Hann overlap-add; seed {info['seed']}",
         *([f"Age: {info['age']:g}"] if info["age"] is not None else []),
         *([f"Sex: {sex}"] if sex else []),
+        *notices(info),
     ]
 
 
-def plot_png(path: str | Path, ecg_mv: np.ndarray, *, title: str, start_s: float = 0.0,
+def png_span(start_s: float, n_samples: int) -> slice:
+    """The 10 s a printout shows: from `start_s`, moved back to fit a record of `n_samples`."""
+    first = min(int(round(start_s * FS)), max(0, n_samples - int(PNG_SECONDS * FS)))
+    return slice(first, first + int(PNG_SECONDS * FS))
+
+
+def plot_png(path: str | Path, piece: np.ndarray, *, span: slice, title: str,
              recorded: dict[str, np.ndarray] | None = None) -> Path:
-    """10 s from `start_s` as a 12-lead printout (evaluate.figures.plot_twelve_lead); leads the input
-    also recorded (`recorded`: lead -> 125 Hz signal) are drawn under the generated ones."""
+    """The generated (12, m) `piece` at `span` (`png_span`) as a 12-lead printout
+    (evaluate.figures.plot_twelve_lead); leads the input also recorded (`recorded`: lead -> 125 Hz
+    signal) are drawn under the generated ones."""
     try:
         from p2es_dist.evaluate.figures import plot_twelve_lead
     except ImportError as exc:
         raise UserError(f"--png: plotting is not available in this installation ({exc})") from None
-    first = min(int(round(start_s * FS)), max(0, ecg_mv.shape[1] - int(PNG_SECONDS * FS)))
-    span = slice(first, first + int(PNG_SECONDS * FS))
-    traces = {"generated": ecg_mv[:, span]}
+    first = span.start
+    traces = {"generated": piece}
     if recorded:
-        from p2es_dist.constants import LEAD_INDEX
-
-        reference = np.zeros_like(ecg_mv[:, span])
+        reference = np.zeros_like(piece)
         mask = np.zeros(N_LEADS, dtype=bool)
         for lead, values in recorded.items():
             part = values[span]
             reference[LEAD_INDEX[lead], : len(part)] = part
             mask[LEAD_INDEX[lead]] = True
-        traces = {"recorded": reference, "generated": ecg_mv[:, span]}
+        traces = {"recorded": reference, "generated": piece}
         return Path(plot_twelve_lead(path, traces=traces, fs=float(FS), lead_mask=mask,
                                      title=f"{title}, {first / FS:.0f}-{first / FS + PNG_SECONDS:.0f} s"))
     return Path(plot_twelve_lead(path, traces=traces, fs=float(FS),
@@ -283,9 +335,11 @@ def calibration_end_s(calibration: CalibrationProfile | None, input: str) -> flo
     return float(calibration.extra.get("end_s", calibration.seconds))
 
 
-def recorded_agreement(recorded: tuple[dict, dict] | None, ecg_mv: np.ndarray, *, from_s: float | None) -> dict | None:
-    """When the input also records lead II: Pearson of the generated lead II with it, per 1024-sample window
-    (hop 512), from `from_s` (the end of the calibration segment when it came from this file) on."""
+def recorded_agreement(recorded: tuple[dict, dict] | None, generated_ii: np.ndarray, *,
+                       from_s: float | None) -> dict | None:
+    """When the input also records lead II: Pearson of the generated lead II (`generated_ii`, 125 Hz) with
+    it, per 1024-sample window (hop 512), from `from_s` (the end of the calibration segment when it came
+    from this file) on."""
     from p2es_dist.evaluate.metrics import as_number, nanmean, pointwise_errors
 
     if recorded is None or "II" not in recorded[0]:
@@ -293,12 +347,12 @@ def recorded_agreement(recorded: tuple[dict, dict] | None, ecg_mv: np.ndarray, *
     recorded_ii, ok = recorded[0]["II"], recorded[1]["II"]
     same_file = from_s is not None
     first = int(round(from_s * FS)) if same_file else 0
-    n = min(len(recorded_ii), ecg_mv.shape[1])
+    n = min(len(recorded_ii), len(generated_ii))
     starts = [s for s in range(first, n - WINDOW + 1, WINDOW // 2) if ok[s:s + WINDOW].all()]
     if not starts:
         return None
     target = np.stack([recorded_ii[s:s + WINDOW] for s in starts])[:, None]
-    generated = np.stack([ecg_mv[1, s:s + WINDOW] for s in starts])[:, None]
+    generated = np.stack([generated_ii[s:s + WINDOW] for s in starts])[:, None]
     errors = pointwise_errors(target, generated, np.ones((len(starts), 1), dtype=bool))
     return {"lead": "II", "n_windows": len(starts), "from_s": first / FS,
             "scored": "after the calibration segment" if same_file else "the whole record",
@@ -307,32 +361,49 @@ def recorded_agreement(recorded: tuple[dict, dict] | None, ecg_mv: np.ndarray, *
             "pearson_lag": as_number(nanmean(errors["pearson_lag"].reshape(1, -1), axis=1)[0])}
 
 
+def records_ecg(signal: PPGStream) -> bool:
+    """Whether the input has a channel named like an ECG lead (only then is it worth reading whole)."""
+    from p2es_dist.data.sources.wfdb_common import canonical_lead
+
+    return any(canonical_lead(name) for name in signal.columns)
+
+
 def translate_file(*, model: str, input: str, out: str, column: str | None = None, fs: float | None = None,
                    png: str | None = None, config: TranslateConfig | None = None,
-                   calibration: str | None = None, score_from_s: float | None = None) -> dict[str, Any]:
+                   calibration: str | None = None, score_from_s: float | None = None,
+                   stream: StreamConfig | None = None) -> dict[str, Any]:
     """`p2es translate` as a function: reads `input`, writes `out`.hea/.dat (and `png`); returns a summary.
 
+    The input is read, translated and written chunk by chunk (translate.stream states the memory bound).
     `calibration`: a profile written by `p2es calibrate` (data/calibration.py). When the input also
     records lead II, the summary's `recorded` scores the generated lead II against it from `score_from_s`
-    (default: the end of the calibration segment when the profile came from this file, else 0)."""
+    (default: the end of the calibration segment when the profile came from this file, else 0); those
+    recorded leads are read whole."""
     from p2es_dist.models.checkpoint import load_model
-    from p2es_dist.translate.io import read_ppg, write_ecg_record
+    from p2es_dist.translate.io import EcgRecordWriter, open_ppg
 
     config = config or TranslateConfig()
-    signal = read_ppg(input, column=column, fs=fs)
+    signal = open_ppg(input, column=column, fs=fs)
     loaded = load_model(model)
+    check_population(loaded.model, config.population)
     profile = None if calibration is None else CalibrationProfile.load(calibration)
-    ecg_mv, info = translate_signal(loaded, signal, config=config, calibration=profile)
-    files = write_ecg_record(out, ecg_mv, fs=FS, comments=header_comments(loaded, signal, info))
-    calibrated = info["calibration"] is not None
-    recorded = recorded_leads(input)
-    end_s = calibration_end_s(profile, input) if score_from_s is None else score_from_s
-    summary = {"record": str(out), "files": [str(f) for f in files], "fs": FS, "leads": N_LEADS,
-               "units": "mV (scaled to the calibration beat)" if calibrated else
-               "mV (uncalibrated, see the header comments)", "model": loaded.name, **info,
-               "recorded": recorded_agreement(recorded, ecg_mv, from_s=end_s)}
-    if png:
-        label = f"calibrated, PAT {profile.pat_s * 1000:.0f} ms" if calibrated else "uncalibrated"
-        summary["png"] = str(plot_png(png, ecg_mv, title=f"{Path(input).name} -> {loaded.name} ({label})",
-                                      start_s=end_s or 0.0, recorded=None if recorded is None else recorded[0]))
+    with EcgRecordWriter(out, fs=FS) as writer:
+        info = translate_stream(loaded, signal, config=config, write=writer.append, scratch=writer.scratch,
+                                calibration=profile, stream=stream)
+        files = writer.finish(header_comments(loaded, signal, info))
+        calibrated = info["calibration"] is not None
+        recorded = recorded_leads(input) if records_ecg(signal) else None
+        end_s = calibration_end_s(profile, input) if score_from_s is None else score_from_s
+        agreement = None if recorded is None else recorded_agreement(recorded, writer.lead(LEAD_INDEX["II"]),
+                                                                   from_s=end_s)
+        summary = {"record": str(out), "files": [str(f) for f in files], "fs": FS, "leads": N_LEADS,
+                   "units": "mV (scaled to the calibration beat)" if calibrated else
+                   "mV (uncalibrated, see the header comments)", "model": loaded.name, **info,
+                   "recorded": agreement}
+        if png:
+            label = f"calibrated, PAT {profile.pat_s * 1000:.0f} ms" if calibrated else "uncalibrated"
+            span = png_span(end_s or 0.0, writer.n)
+            summary["png"] = str(plot_png(png, writer.read(span.start, span.stop), span=span,
+                                          title=f"{Path(input).name} -> {loaded.name} ({label})",
+                                          recorded=None if recorded is None else recorded[0]))
     return summary

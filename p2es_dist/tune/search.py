@@ -132,6 +132,16 @@ class _ForwardToTune(TuneReportCallback):
         super().after_report(run_context, [tagged, *metrics[1:]], checkpoint)
 
 
+class _CountRetries(Callback):
+    """In the search's driver: Tune's restarts of each trial after an error, which `trials_failed` misses."""
+
+    def __init__(self) -> None:
+        self.retries: dict[str, int] = {}
+
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self.retries[trial.trial_id] = self.retries.get(trial.trial_id, 0) + 1
+
+
 class _ReleasePlacementGroups(Callback):
     """Runs in the search's driver: removes a finished trial's Train placement group if it is still there."""
 
@@ -193,6 +203,7 @@ def run_search(space: SearchSpace | str | os.PathLike, base_config: dict[str, An
     )
     filesystem, storage_path = _storage(storage_root)
     search_alg, tune_max_concurrent = _search_alg(settings, max_concurrent)
+    retries = _CountRetries()
     tuner = tune.Tuner(
         trainable,
         param_space=space.param_space(),
@@ -208,7 +219,7 @@ def run_search(space: SearchSpace | str | os.PathLike, base_config: dict[str, An
         run_config=tune.RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=tune.FailureConfig(max_failures=max_failures),  # a restarted trial resumes its run
-            callbacks=[_ReleasePlacementGroups()],
+            callbacks=[_ReleasePlacementGroups(), retries],
         ),
     )
     log.info("tune: %s over %s, %d sample(s), at most %d trial(s) at a time, results in %s",
@@ -218,7 +229,8 @@ def run_search(space: SearchSpace | str | os.PathLike, base_config: dict[str, An
     trials = [_trial_record(result, space) for result in results]
     stopped = scheduler.stopped_early if scheduler is not None else set()
     best = summarise(trials, settings=settings, base_config=base_config, stopped_early=stopped,
-                     searched_keys=space.searched_keys, storage_root=storage_root, experiment_uri=experiment_uri)
+                     searched_keys=space.searched_keys, storage_root=storage_root, experiment_uri=experiment_uri,
+                     retries=retries.retries)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "best.json").write_text(json.dumps(best, indent=2) + "\n")
@@ -329,8 +341,10 @@ def _best_report(reports: Iterable[dict[str, Any]], metric: str, mode: str,
 
 def summarise(trials: list[TrialRecord], *, settings: TuneSettings, base_config: Mapping[str, Any],
               stopped_early: set[str], searched_keys: list[str], storage_root: str,
-              experiment_uri: str) -> dict[str, Any]:
-    """best.json: the trial with the best `metric` in any of its reports, and its best surviving checkpoint."""
+              experiment_uri: str, retries: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """best.json: the trial with the best `metric` in any of its reports, and its best surviving checkpoint;
+    `retries` (trial id -> Tune's restarts of it) gives `trials_retried`, `trial_retries` and each trial's."""
+    retries = retries or {}
     metric, mode = settings.metric, settings.mode
     best_by_trial = {t.trial_id: _best_report(t.reports, metric, mode) for t in trials}
     ranked = [t for t in trials if best_by_trial[t.trial_id] is not None]
@@ -360,19 +374,21 @@ def summarise(trials: list[TrialRecord], *, settings: TuneSettings, base_config:
         "trials": len(trials),
         "trials_stopped_early": sum(t.trial_id in stopped_early for t in trials),
         "trials_failed": sum(t.error is not None for t in trials),
+        "trials_retried": sum(retries.get(t.trial_id, 0) > 0 for t in trials),
+        "trial_retries": sum(retries.get(t.trial_id, 0) for t in trials),
         "storage_path": storage_root,
         "experiment_path": experiment_uri,
         "searched_keys": searched_keys,
         "scheduler": {"name": settings.scheduler, "grace_period": settings.grace_period,
                       "reduction_factor": settings.reduction_factor, "max_t": settings.max_t},
         "search_alg": settings.search_alg,
-        "all_trials": [_trial_summary(t, best_by_trial[t.trial_id], metric, t.trial_id in stopped_early)
-                       for t in trials],
+        "all_trials": [_trial_summary(t, best_by_trial[t.trial_id], metric, t.trial_id in stopped_early,
+                                      retries.get(t.trial_id, 0)) for t in trials],
     }
 
 
 def _trial_summary(trial: TrialRecord, best_report: dict[str, Any] | None, metric: str,
-                   stopped_early: bool) -> dict[str, Any]:
+                   stopped_early: bool, retries: int) -> dict[str, Any]:
     last = trial.reports[-1] if trial.reports else {}
     return {
         "trial_id": trial.trial_id,
@@ -381,6 +397,7 @@ def _trial_summary(trial: TrialRecord, best_report: dict[str, Any] | None, metri
         "reports": len(trial.reports),
         "last_step": _int_or_none(last.get("step")),
         "stopped_early": stopped_early,
+        "retries": retries,
         "error": trial.error,
     }
 

@@ -27,6 +27,7 @@ from p2es_dist.constants import SEX_FEMALE, SEX_MALE, SEX_UNKNOWN
 from p2es_dist.data.labels import labels_from_scp
 from p2es_dist.data.record import Record, RecordError
 from p2es_dist.data.sources.wfdb_common import read_wfdb, to_record
+from p2es_dist.data.sources.wfdb_common import record_files as wfdb_record_files
 from p2es_dist.errors import UserError
 
 SOURCE = "ptbxl"
@@ -96,6 +97,17 @@ def list_records(
     if not keys:
         raise UserError(f"--input {root}: no {resolution}/ records of {DATABASE_CSV} found")
     return sorted(keys)
+
+
+def record_files(root: Path, key: str, *, resolution: str = PtbxlConfig.resolution, **_options: object) -> list[Path]:
+    """What `read_record` reads for `key` (ingest hashes it to resume and to find duplicates): the WFDB record
+    and the database that gives its labels, demographics and split."""
+    root = Path(root)
+    try:
+        path = root / load_database(root).loc[int(key), _check_resolution(resolution)]
+    except (KeyError, ValueError):
+        return [root / DATABASE_CSV]
+    return [root / DATABASE_CSV, *wfdb_record_files(path)]
 
 
 def _age(value: float) -> float | None:

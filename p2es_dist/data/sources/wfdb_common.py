@@ -209,13 +209,13 @@ class Signals:
 def pick_signals(chans: Sequence[Channel], *, context: str) -> Signals:
     """ECG leads (in mV) and PPG picked by name from a record's channels.
 
-    The first channel per lead wins; all-NaN channels carry nothing and are dropped. Leads whose units
+    The first channel per lead wins; channels without one finite sample carry nothing and are dropped. Leads whose units
     are not a voltage are kept (as `au`) only when no lead has voltage units.
     """
     leads: dict[str, Channel] = {}
     ppg: Channel | None = None
     for chan in chans:
-        if np.isnan(chan.values).all():
+        if not np.isfinite(chan.values).any():
             continue
         lead = canonical_lead(chan.name)
         if lead is not None:
@@ -275,6 +275,29 @@ def header_first_line(path: Path) -> list[str]:
             if line.strip() and not line.lstrip().startswith("#"):
                 return line.split()
     return []
+
+
+def record_files(path: Path) -> list[Path]:
+    """The files a WFDB record (`path` without extension) is read from: its header, the signal files the
+    header names and, for a multi-segment record, each segment's files. Missing files are left out (the
+    reader says why); annotation files are not part of a record's signals."""
+    header = Path(f"{path}.hea")
+    if not header.is_file():
+        return []
+    files = [header]
+    tokens = header_first_line(header)
+    if tokens and "/" in tokens[0]:
+        for name in segment_names(header):
+            if name != header.stem:  # a master never lists itself; guards against a malformed one
+                files += [f for f in record_files(header.parent / name) if f not in files]
+        return files
+    with open(header, errors="replace") as handle:
+        lines = [line.split() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+    for signal_line in lines[1:]:
+        file = header.parent / signal_line[0]
+        if file.is_file() and file not in files:
+            files.append(file)
+    return files
 
 
 def segment_names(master: Path) -> list[str]:

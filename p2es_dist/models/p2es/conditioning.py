@@ -61,6 +61,10 @@ class ConditioningConfig:
     template_dropout: float = 0.5  # training only: fraction of windows whose template is hidden (zero-shot)
     # With use_template: predict a correction to the template instead of the ECG (P2Es: x0 objective only).
     template_residual: bool = True
+    # Training only: shift the target ECG of windows that get the population template by a lag drawn from
+    # their population's PAT spread (`PopulationTemplate.jitter_targets`), so that the zero-shot answer
+    # hedges timing instead of memorising the training patients' PATs.
+    population_jitter: bool = False
     # The training population's calibration profile (data/calibration.py JSON), filled in by the trainer:
     # windows without the patient's template get the population's beat at their PPG upstrokes instead.
     population: dict = field(default_factory=dict)

@@ -19,6 +19,7 @@ from p2es_dist.models.base import (
     hide_templates,
     template_input,
     template_leads,
+    with_calibration,
 )
 from p2es_dist.models.leads import N_INDEPENDENT, expand_leads, independent_from_recorded
 from p2es_dist.models.p2es.affinity import LeadAffinity
@@ -161,6 +162,8 @@ class P2Es(TranslationModel):
             if self.training:
                 batch = hide_templates(batch, self.config.template_dropout)
             batch = self.population.fill(batch)
+            if self.training and self.config.population_jitter:
+                batch = {**batch, "ecg": self.population.jitter_targets(batch)}
         ecg, recorded = batch["ecg"].float(), batch["ecg_mask"].bool()
         ecg = torch.where(recorded[:, :, None], ecg, torch.zeros_like(ecg))
         batch_size = len(ecg)
@@ -220,7 +223,7 @@ class P2Es(TranslationModel):
         sampler, steps, seed, n_samples = options.sampler, options.steps, options.seed, options.n_samples
         grid = self.schedule.sampling_timesteps(steps)
         if self.config.use_template:
-            batch = self.population.fill(batch)
+            batch = self.population.fill(with_calibration(batch, options))
         context, affinity, _ = self.condition(batch, condition_leads(batch))
         prior = self.template_prior(batch)
         batch_size, length = batch["ecg_mask"].shape[0], batch["ppg"].shape[-1]
