@@ -35,6 +35,44 @@ def save_checkpoint(folder: Path, model_section: dict, *, seed: int = 0) -> Path
     return folder
 
 
+def shard_folder(folder: Path, *, source: str, labels: list[list[str]] | None = None,
+                 splits: list[str] | None = None, ppg: bool = True, **preprocess) -> str:
+    """A shard folder as `p2es ingest` leaves it (one parquet shard, a manifest.json with ingest.write_manifest's
+    keys), without running an ingest; `preprocess`: PreprocessConfig fields other than the defaults."""
+    import pyarrow.parquet as pq
+
+    from p2es_dist.config import to_dict
+    from p2es_dist.data.preprocess import PreprocessConfig
+    from p2es_dist.data.schema import build_table
+
+    labels = [[]] if labels is None else labels
+    n = len(labels)
+    folder.mkdir(parents=True)
+    table = build_table(source=source, record=[f"r{i}" for i in range(n)], subject_id=[f"s{i}" for i in range(n)],
+                        split=splits or ["train"] * n, start=np.zeros(n), ecg=np.zeros((n, 12, 1024)),
+                        ecg_mask=np.ones((n, 12), bool), ppg=np.zeros((n, 1024)) if ppg else None,
+                        age=np.full(n, np.nan), sex=np.full(n, -1), labels=labels, quality=np.ones(n))
+    pq.write_table(table, folder / "part-00000.parquet")
+    config = PreprocessConfig(**preprocess)
+    manifest = {"schema_version": 2, "source": source, "fs": 125, "window": 1024, "hop": config.hop,
+                "units": {"ecg": "mV", "ppg": "NU" if ppg else None},
+                "shards": [{"path": "part-00000.parquet", "rows": n, "sha256": ""}],
+                "config": {"preprocess": to_dict(config), "ingest": {}, "input": {}}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return str(folder)
+
+
+def trained_checkpoint(out: Path, model_section: dict, *, uris: list[str] | None = None, seed: int = 0) -> Path:
+    """A job's --out folder as `p2es train` leaves it: the checkpoint, and result.json naming the training
+    data (`uris`; by default one shard folder ingested with ingest's defaults, made beside `out`)."""
+    if uris is None:
+        uris = [shard_folder(out.with_name(f"{out.name}_data"), source="bidmc")]
+    checkpoint = save_checkpoint(out / "ckpt", model_section, seed=seed)
+    (out / "result.json").write_text(json.dumps({"checkpoint": str(checkpoint),
+                                                 "config": {"data": {"uris": uris}, "model": model_section}}))
+    return out
+
+
 def ppg_batch(n: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng(seed)
     ppg = np.sin(np.linspace(0, 60, 1024))[None] + 0.3 * rng.standard_normal((n, 1024))
@@ -63,7 +101,7 @@ def metrics_fixture(path: Path) -> Path:
 
 @pytest.fixture
 def li2021_checkpoint(tmp_path: Path) -> Path:
-    return save_checkpoint(tmp_path / "ckpt", TINY_LI2021)
+    return trained_checkpoint(tmp_path / "ckpt", TINY_LI2021)
 
 
 def test_round_trip_gives_identical_outputs(tmp_path: Path, li2021_checkpoint: Path) -> None:
@@ -121,7 +159,7 @@ def test_missing_listed_file_fails(tmp_path: Path, li2021_checkpoint: Path) -> N
 def test_student_bundle_has_verified_onnx_and_torchscript(tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    checkpoint = save_checkpoint(tmp_path / "ckpt", TINY_STUDENT)
+    checkpoint = trained_checkpoint(tmp_path / "ckpt", TINY_STUDENT)
     summary = write_bundle(str(checkpoint), str(tmp_path / "bundle"), no_metrics=True)
     assert summary["kind"] == "student"  # from the model's registered name
     bundle = tmp_path / "bundle"
@@ -151,12 +189,12 @@ def test_generic_ppg_model_exports_as_student(tmp_path: Path, li2021_checkpoint:
 
 
 def test_model_card_has_metrics_and_licences(tmp_path: Path, li2021_checkpoint: Path) -> None:
-    shards = tmp_path / "shards_a"  # a shard folder whose manifest names its source
-    shards.mkdir()
-    (shards / "manifest.json").write_text(json.dumps({"source": "bidmc"}))
+    shards = shard_folder(tmp_path / "shards_a", source="bidmc")  # its manifest names its source
+    # No manifest `source` here: the folder's name tells (ECG-only, so its PPG band is not compared).
+    ptbxl = shard_folder(tmp_path / "ptbxl", source="", ppg=False)
     train_result = tmp_path / "result.json"
     train_result.write_text(json.dumps({"checkpoint": str(li2021_checkpoint),
-                                        "config": {"data": {"uris": [str(shards), str(tmp_path / "ptbxl")]}}}))
+                                        "config": {"data": {"uris": [shards, ptbxl]}}}))
     metrics = metrics_fixture(tmp_path / "metrics.json")
     write_bundle(str(li2021_checkpoint), str(tmp_path / "bundle"), metrics=str(metrics),
                  train_result=str(train_result))
@@ -172,11 +210,12 @@ def test_model_card_has_metrics_and_licences(tmp_path: Path, li2021_checkpoint: 
 def test_training_data_found_beside_a_job_out_folder(tmp_path: Path, li2021_checkpoint: Path) -> None:
     job_out = tmp_path / "train_out"
     job_out.mkdir()
-    (job_out / "result.json").write_text(json.dumps({"checkpoint": str(li2021_checkpoint),
-                                                     "config": {"data": {"uris": ["s3://p2es/synthetic"]}}}))
+    synthetic = shard_folder(tmp_path / "synthetic", source="synthetic")
+    (job_out / "result.json").write_text(json.dumps({"checkpoint": str(li2021_checkpoint / "ckpt"),
+                                                     "config": {"data": {"uris": [synthetic]}}}))
     write_bundle(str(job_out), str(tmp_path / "bundle"), no_metrics=True)
     card = (tmp_path / "bundle" / "MODEL_CARD.md").read_text()
-    assert "s3://p2es/synthetic" in card and "generated by p2es-dist" in card
+    assert f"`{synthetic}`" in card and "generated by p2es-dist" in card
 
 
 def test_metrics_required_unless_no_metrics(tmp_path: Path, li2021_checkpoint: Path) -> None:
@@ -194,16 +233,16 @@ def test_existing_bundle_needs_overwrite(tmp_path: Path, li2021_checkpoint: Path
     write_bundle(str(li2021_checkpoint), str(bundle), no_metrics=True)
     with pytest.raises(UserError, match="--overwrite"):
         write_bundle(str(li2021_checkpoint), str(bundle), no_metrics=True)
-    other = save_checkpoint(tmp_path / "other", TINY_LI2021, seed=1)
+    other = trained_checkpoint(tmp_path / "other", TINY_LI2021, seed=1)
     write_bundle(str(other), str(bundle), no_metrics=True, overwrite=True)
-    assert load_model(str(bundle)).metadata["source_checkpoint"] == str(other)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "ckpt", "other"]
+    assert load_model(str(bundle)).metadata["source_checkpoint"] == str(other / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "ckpt", "ckpt_data", "other", "other_data"]
 
 
 def test_teacher_bundle_records_generation_and_reproduces(tmp_path: Path) -> None:
     from p2es_dist.config import load_config
 
-    checkpoint = save_checkpoint(tmp_path / "ckpt", load_config("smoke")["model"])
+    checkpoint = trained_checkpoint(tmp_path / "ckpt", load_config("smoke")["model"])
     metrics = metrics_fixture(tmp_path / "metrics.json")
     summary = write_bundle(str(checkpoint), str(tmp_path / "bundle"), metrics=str(metrics))
     assert summary["kind"] == "teacher"
@@ -246,7 +285,7 @@ def test_export_to_s3_and_load_back(tmp_path: Path, li2021_checkpoint: Path, s3_
 
 
 def test_encoder_bundle_carries_its_probe_evaluation(tmp_path: Path) -> None:
-    checkpoint = save_checkpoint(tmp_path / "encoder", {"name": "encoder", "size": "tiny"})
+    checkpoint = trained_checkpoint(tmp_path / "encoder", {"name": "encoder", "size": "tiny"})
     probe = {"probe": {"MI": {"auroc": 0.6146, "auroc_random_init": 0.5799, "n": 44, "n_pos": 8,
                               "auroc_ci95": [0.3651, 0.8474], "auroc_gain_ci95": [-0.0571, 0.3529],
                               "cv_auroc": 0.7826},

@@ -348,7 +348,7 @@ def test_tune_summary_counts_retried_trials():
         counter.on_trial_recover(iteration=1, trials=[], trial=SimpleNamespace(trial_id=trial_id))
     trials = [TrialRecord("a", {}, [{"val_x0_mse": 0.2}]), TrialRecord("b", {}, [], error="OSError: store down"),
               TrialRecord("c", {}, [{"val_x0_mse": 0.3}])]
-    best = summarise(trials, settings=TuneSettings(), base_config={}, stopped_early=set(), searched_keys=[],
+    best = summarise(trials, settings=TuneSettings(), base_config={}, searched_keys=[],
                      storage_root="/tmp", experiment_uri="/tmp/x", retries=counter.retries)
     assert (best["trials_failed"], best["trials_retried"], best["trial_retries"]) == (1, 2, 3)
     assert [t["retries"] for t in best["all_trials"]] == [2, 1, 0]

@@ -51,16 +51,48 @@ def test_logistic_probe_separates_a_toy_problem_and_reaches_the_optimum() -> Non
     train, test = slice(0, 300), slice(300, None)
     probe = LogisticProbe(l2=1e-2).fit(x[train], y[train])
     assert auroc(probe.decision_function(x[test]), y[test]) > 0.99
-    assert abs(float(probe.weight[0])) > 5 * float(probe.weight[1:].abs().max())
+    scaler, regression = probe.model_[0], probe.model_[-1]
+    weight = regression.coef_[0]
+    assert abs(weight[0]) > 5 * np.abs(weight[1:]).max()
     proba = probe.predict_proba(x[test])
     assert ((proba > 0.5) == y[test].astype(bool)).mean() > 0.93  # Bayes accuracy ~0.977
-    # The fit is the regularised optimum: the objective's gradient vanishes there.
-    xs = (torch.as_tensor(x[train]) - probe.mean) / probe.std
-    w, b = probe.weight.clone().requires_grad_(), probe.bias.clone().requires_grad_()
+    # The fit is the optimum of the documented objective, mean cross-entropy + l2 / 2 * ||w||^2 on the
+    # standardised features (the check of C = 1 / (l2 * n)): its gradient vanishes there.
+    xs = (torch.as_tensor(x[train]) - torch.as_tensor(scaler.mean_)) / torch.as_tensor(scaler.scale_)
+    w = torch.tensor(weight, requires_grad=True)
+    b = torch.tensor(regression.intercept_[0], requires_grad=True)
     target = torch.as_tensor(y[train], dtype=torch.float64)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(xs @ w + b, target)
     (loss + 0.5 * 1e-2 * w.square().sum()).backward()
     assert float(w.grad.abs().max()) < 1e-5 and abs(float(b.grad)) < 1e-5
+
+
+def test_logistic_probe_l2_does_not_depend_on_the_number_of_windows() -> None:
+    # The loss is a mean: every window twice is the same objective, so the same fit (C = 1 / l2 would halve
+    # the penalty's weight here).
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 100)
+    x = rng.normal(size=(100, 4)) + y[:, None]
+    once = LogisticProbe(l2=0.1).fit(x, y).model_[-1]
+    twice = LogisticProbe(l2=0.1).fit(np.repeat(x, 2, axis=0), np.repeat(y, 2)).model_[-1]
+    np.testing.assert_allclose(twice.coef_, once.coef_, rtol=1e-5)
+    np.testing.assert_allclose(twice.intercept_, once.intercept_, rtol=1e-5, atol=1e-8)
+
+
+def test_auroc_equals_the_rank_formula_on_random_data() -> None:
+    # The hand-written Mann-Whitney formula the library call replaced, with average ranks for ties.
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(5)
+    for trial in range(50):
+        n = int(rng.integers(2, 300))
+        targets = rng.random(n) < rng.uniform(0.05, 0.95)
+        if targets.all() or not targets.any():
+            continue
+        scores = rng.normal(size=n) if trial % 2 else rng.integers(0, 5, n).astype(float)  # odd: many ties
+        n_pos, n_neg = int(targets.sum()), int((~targets).sum())
+        rank_formula = (rankdata(scores)[targets].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+        assert auroc(scores, targets) == pytest.approx(rank_formula, abs=1e-12)
 
 
 # --- regularisation by grouped CV, and subject-level intervals -------------------------------------------

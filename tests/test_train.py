@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from p2es_dist.config import load_config, packaged_config_path
 from p2es_dist.errors import ConfigError
 from p2es_dist.train.config import TrainSection, parse_job_config
-from p2es_dist.train.engine import lr_factor
+from p2es_dist.train.engine import lr_scheduler
 
 SHIPPED = ["smoke", "p2es_bidmc", "unet_bidmc", "dct_bidmc", "li2021_bidmc", "p2es_lead2", "classifier"]
 
@@ -50,7 +50,13 @@ def test_cli_config_error_is_one_line_without_traceback():
 
 def test_lr_schedule_warms_up_then_decays():
     train = TrainSection(max_steps=100, warmup_steps=10)
-    factors = [lr_factor(step, train) for step in range(100)]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=train.lr)
+    scheduler = lr_scheduler(optimizer, train)
+    factors = []
+    for _ in range(100):
+        factors.append(optimizer.param_groups[0]["lr"] / train.lr)
+        optimizer.step()
+        scheduler.step()
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False)) and factors[-1] >= 0.1
 

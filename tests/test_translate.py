@@ -134,7 +134,8 @@ def test_scale_seed_and_stochastic_bundle(tmp_path: Path) -> None:
 
     model = load_config("smoke")["model"]
     bundle = tmp_path / "bundle"
-    write_bundle(str(save_checkpoint(tmp_path / "ckpt", model)), str(bundle), no_metrics=True)
+    write_bundle(str(save_checkpoint(tmp_path / "ckpt", model)), str(bundle), no_metrics=True,
+                 preprocessing_from_defaults=True)
     csv = write_csv(tmp_path / "in.csv", {"PPG": pulses(1100, 125.0)})
 
     def run(name: str, **config) -> np.ndarray:

@@ -4,6 +4,7 @@ results, and an end-to-end ASHA search over smoke training runs on a local Ray."
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,8 +12,9 @@ from ray import tune
 
 from p2es_dist.cli import run_main
 from p2es_dist.config import load_config
-from p2es_dist.errors import ConfigError
-from p2es_dist.tune.search import StopRecordingASHA, TrialRecord, concurrent_trials, summarise
+from p2es_dist.errors import ConfigError, UserError
+from p2es_dist.tune import ray_compat
+from p2es_dist.tune.search import TrialRecord, concurrent_trials, run_search, summarise
 from p2es_dist.tune.spaces import (
     TuneSettings,
     apply_values,
@@ -171,26 +173,53 @@ def test_summary_picks_the_best_report_and_its_surviving_checkpoint(tmp_path):
         trial("d", 1e-1, [float("nan")], error="RuntimeError: diverged"),
     ]
     base = {"train": {"lr": 1e-3, "max_steps": 30}, "_source": "smoke.yaml"}
-    best = summarise(trials, settings=TuneSettings(), base_config=base, stopped_early={"c"},
-                     searched_keys=["train.lr"], storage_root=str(tmp_path), experiment_uri=str(tmp_path / "x"))
+    best = summarise(trials, settings=TuneSettings(), base_config=base, searched_keys=["train.lr"],
+                     storage_root=str(tmp_path), experiment_uri=str(tmp_path / "x"))
     # The default metric is the reconstruction error, not val_loss (which would pick trial c here).
     assert (best["metric"], best["mode"], best["value"], best["step"]) == ("val_x0_mse", "min", 0.2, 20)
     assert best["config"] == {"sampled": {"train.lr": 3e-3}, "full": {"train": {"lr": 3e-3, "max_steps": 30}}}
     assert best["checkpoint"] == str(kept) and best["checkpoint_value"] == 0.3
     assert (best["trials"], best["trials_stopped_early"], best["trials_failed"]) == (4, 1, 1)
     assert [t["best"] for t in best["all_trials"][:3]] == [0.4, 0.2, 0.9]
-    assert best["all_trials"][3]["best"] is None and best["all_trials"][2]["stopped_early"]
+    assert best["all_trials"][3]["best"] is None
+    # c ended at step 10 of 30 without an error: cut short; d also reported once but failed.
+    assert [t["stopped_early"] for t in best["all_trials"]] == [False, False, True, False]
+
+
+def test_stopped_early_is_read_from_the_reports():
+    """Tune marks a trial ASHA stopped `done` like a finished one: the summary tells them apart by their
+    reports alone (fewer than max_t, ending before the trial's own train.max_steps, no error)."""
+    base = {"train": {"max_steps": 40}}
+    trials = [
+        trial("full", 1e-3, [0.3, 0.2, 0.2, 0.1]),  # steps 10..40: ran its course
+        trial("cut", 1e-3, [0.9, 0.8]),  # step 20 of 40, 2 reports < max_t 4
+        trial("failed", 1e-3, [0.3, 0.2], error="OSError: store down"),
+        TrialRecord("short", {"train.max_steps": 20}, trial("s", 0, [0.4, 0.3]).reports),  # its own end
+        TrialRecord("long", {"train.max_steps": 60}, trial("l", 0, [0.5] * 5).reports),  # on past max_t
+        trial("silent", 1e-3, []),
+    ]
+    best = summarise(trials, settings=TuneSettings(max_t=4), base_config=base, searched_keys=[],
+                     storage_root="/tmp", experiment_uri="/tmp/x")
+    assert best["trials_stopped_early"] == 1
+    assert {t["trial_id"] for t in best["all_trials"] if t["stopped_early"]} == {"cut"}
+    # Without train.max_steps in the config, fewer reports than max_t is what is left to go by.
+    unknown = summarise(trials[:3], settings=TuneSettings(max_t=4), base_config={}, searched_keys=[],
+                        storage_root="/tmp", experiment_uri="/tmp/x")
+    assert unknown["trials_stopped_early"] == 1
+    fifo = summarise(trials, settings=TuneSettings(max_t=4, scheduler="fifo"), base_config=base, searched_keys=[],
+                     storage_root="/tmp", experiment_uri="/tmp/x")
+    assert fifo["trials_stopped_early"] == 0  # no scheduler stops a trial
 
 
 def test_summary_in_max_mode_and_without_any_metric():
     settings = TuneSettings(metric="val_pearson", mode="max")
     trials = [TrialRecord("a", {"x": 1}, [{"val_pearson": 0.3}]), TrialRecord("b", {"x": 2}, [{"val_pearson": 0.7}])]
-    best = summarise(trials, settings=settings, base_config={}, stopped_early=set(), searched_keys=["x"],
+    best = summarise(trials, settings=settings, base_config={}, searched_keys=["x"],
                      storage_root="/tmp", experiment_uri="/tmp/x")
     assert best["value"] == 0.7 and best["config"]["sampled"] == {"x": 2} and best["checkpoint"] is None
     with pytest.raises(RuntimeError, match="no trial reported a finite val_x0_mse .*a: ValueError: boom"):
         summarise([trial("a", 1e-3, [float("nan")], error="ValueError: boom")], settings=TuneSettings(),
-                  base_config={}, stopped_early=set(), searched_keys=[], storage_root="/tmp", experiment_uri="/x")
+                  base_config={}, searched_keys=[], storage_root="/tmp", experiment_uri="/x")
 
 
 def test_cli_space_error_is_one_line_before_ray_starts(tmp_path, capsys):
@@ -202,53 +231,35 @@ def test_cli_space_error_is_one_line_before_ray_starts(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "space.yaml: model.dilation_dept: not a key of" in err[0]
 
 
-def test_asha_records_the_trials_it_stops_before_max_t():
-    class Trial:
-        def __init__(self, trial_id):
-            self.trial_id = trial_id
+def test_ray_compat_accepts_this_ray_and_names_what_another_lacks():
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 
-    scheduler = StopRecordingASHA(grace_period=1, reduction_factor=2, max_t=4, stop_last_trials=False)
-    assert scheduler.set_search_properties("val_loss", "min")
-    trials = {name: Trial(name) for name in "abcd"}
-    for trial in trials.values():
-        scheduler.on_trial_add(None, trial)
+    assert ray_compat.missing_ray_internals() == []  # the pinned Ray: the shim fits
+    assert issubclass(ray_compat.RecordPlacementGroup, WorkerGroupCallback)
+    assert ray_compat.missing_ray_internals("2.59.2") == ["Ray >= 2.60, < 2.61 (found 2.59.2)"]
+    assert ray_compat.missing_ray_internals("2.61.0") == ["Ray >= 2.60, < 2.61 (found 2.61.0)"]
+    assert ray_compat.missing_ray_internals("2.60.1") == []
+    missing = ray_compat.missing_ray_internals(callback_base=type("Renamed", (), {}))
+    assert missing == ["ray.train.v2._internal.execution.callback.WorkerGroupCallback.after_worker_group_start"]
+    with pytest.raises(UserError, match=r"this Ray lacks: Ray >= 2\.60, < 2\.61 \(found 3\.0\.0\); ray\.train\.v2"):
+        ray_compat.require_ray_internals("3.0.0", callback_base=object)  # object: the import failed
+    with pytest.raises(UserError, match=r"get_worker_group_state\(\)\.placement_group_handle"):
+        ray_compat.worker_group_placement_group_id(SimpleNamespace())
+    group = SimpleNamespace(id=SimpleNamespace(hex=lambda: "ab12"))
+    state = SimpleNamespace(placement_group_handle=SimpleNamespace(placement_group=group))
+    assert ray_compat.worker_group_placement_group_id(SimpleNamespace(get_worker_group_state=lambda: state)) == "ab12"
 
-    def report(name, iteration, loss):
-        return scheduler.on_trial_result(None, trials[name], {"training_iteration": iteration, "val_loss": loss})
 
-    assert report("a", 1, 0.5) == "CONTINUE"  # the first at a rung sets the bar
-    assert report("b", 1, 0.9) == "STOP"  # worse than the median of the rung
-    assert report("c", 1, 0.4) == "CONTINUE"
-    assert report("c", 2, 0.3) == "CONTINUE" and report("a", 2, 0.35) == "STOP"
-    assert report("d", 1, 0.45) == "CONTINUE"
-    assert report("c", 3, 0.2) == "CONTINUE" and report("c", 4, 0.1) == "CONTINUE"  # runs on past max_t
-    assert report("c", 5, 0.1) == "CONTINUE"
-    assert scheduler.stopped_early == {"b", "a"}
-    assert asha_stops(["a", "b", "c"], {"a": [0.5, 0.35], "b": [0.9], "c": [0.4, 0.3, 0.2, 0.1]}, grace_period=1,
-                      reduction_factor=2, max_t=4) == {"b"}  # one at a time, a reaches rung 2 before c
+def test_search_on_an_unsupported_ray_fails_before_any_trial(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "__version__", "2.59.0")
+    with pytest.raises(UserError, match=r"found 2\.59\.0"):
+        run_search(SPACES / "smoke.yaml", load_config(SMOKE_CONFIG))  # no Ray runtime is needed to get here
 
 
 # ---------------------------------------------------------------------------------------------------------
 # end to end: ASHA over smoke training runs
-
-
-def asha_stops(order: list[str], values: dict[str, list[float]], *, grace_period: int, reduction_factor: int,
-               max_t: int) -> set[str]:
-    """Which trials asynchronous successive halving stops before max_t when the trials run one at a time."""
-    rungs = [grace_period * reduction_factor**k
-             for k in range(int(math.log(max_t / grace_period) / math.log(reduction_factor)) + 1)]
-    recorded: dict[int, list[float]] = {rung: [] for rung in rungs}
-    stopped = set()
-    for trial_id in order:
-        for iteration, value in enumerate(values[trial_id], start=1):
-            if iteration not in recorded:
-                continue
-            earlier = list(recorded[iteration])
-            recorded[iteration].append(value)
-            if earlier and value > np.nanpercentile(earlier, 100 / reduction_factor) and iteration < max_t:
-                stopped.add(trial_id)
-                break
-    return stopped
 
 
 @pytest.fixture(scope="module")
@@ -260,24 +271,32 @@ def smoke_shards(ray_local, tmp_path_factory):
     return output
 
 
+BAD_LR = 1.0  # Adam moves every weight by ~lr a step: after 10 steps the model is far worse than at 1e-3
+
+
 @pytest.mark.ray
 def test_smoke_search_end_to_end(smoke_shards, tmp_path, capsys):
-    """`p2es tune` on the smoke space: 4 trials one at a time (the smoke space's max_concurrent_trials: 1,
-    each trial's worker holding half of ray_local's 2 CPUs, so Ray Data keeps the other), ASHA on val_x0_mse."""
+    """`p2es tune` on the smoke space with one learning rate clearly too high: 4 trials one at a time (the
+    smoke space's max_concurrent_trials: 1, each trial's worker holding half of ray_local's 2 CPUs, so Ray
+    Data keeps the other), ASHA on val_x0_mse."""
     from ray.util.placement_group import placement_group_table
 
     from p2es_dist.jobs.tune import main
 
+    smoke_space = (SPACES / "smoke.yaml").read_text()
+    assert "train.lr: {grid: [1.0e-3, 3.0e-3]}" in smoke_space
+    space_file = tmp_path / "smoke_bad_lr.yaml"
+    space_file.write_text(smoke_space.replace("[1.0e-3, 3.0e-3]", f"[1.0e-3, {BAD_LR}]"))
     groups_before = set(placement_group_table())
     out = tmp_path / "out"
-    code = main(["--space", str(SPACES / "smoke.yaml"), "--config", str(SMOKE_CONFIG),
+    code = main(["--space", str(space_file), "--config", str(SMOKE_CONFIG),
                  "--set", f"data.uris=[{smoke_shards}]", "--set", f"train.storage_path={tmp_path / 'runs'}",
                  "--out", str(out)])
     assert code == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     best = json.loads((out / "best.json").read_text())
     assert printed["value"] == best["value"] and printed["trials"] == best["trials"]
-    space = load_space(SPACES / "smoke.yaml")
+    space = load_space(space_file)
     settings = space.settings
     assert best["metric"] == "val_x0_mse" and best["mode"] == "min" and best["trials"] == 4
     assert best["trials_failed"] == 0 and best["scheduler"]["name"] == "asha"
@@ -291,8 +310,9 @@ def test_smoke_search_end_to_end(smoke_shards, tmp_path, capsys):
     order = sorted(rows)  # trial ids count up in the order the trials ran (one at a time)
     values = {tid: [r["val_x0_mse"] for r in reports] for tid, reports in rows.items()}
     sampled = {tid: {k: reports[0]["config"][k] for k in space.searched_keys} for tid, reports in rows.items()}
-    assert all(c["model.dilation_depth"] in (2, 3) and c["train.lr"] in (1e-3, 3e-3) for c in sampled.values())
-    assert sorted(c["train.lr"] for c in sampled.values()) == [1e-3, 1e-3, 3e-3, 3e-3]  # the grid, twice
+    assert all(c["model.dilation_depth"] in (2, 3) for c in sampled.values())
+    # The grid, twice, in order: a good trial first, then one with the bad learning rate, and again.
+    assert [sampled[tid]["train.lr"] for tid in order] == [1e-3, BAD_LR, 1e-3, BAD_LR]
 
     # Best: the lowest val_x0_mse any trial reported, with that trial's sampled values.
     lowest = min((v, tid) for tid, vs in values.items() for v in vs)
@@ -302,16 +322,15 @@ def test_smoke_search_end_to_end(smoke_shards, tmp_path, capsys):
     assert merged["model"]["dilation_depth"] == sampled[lowest[1]]["model.dilation_depth"]
     assert merged["data"]["uris"] == [smoke_shards]
 
-    # ASHA: the trials it stopped are exactly those successive halving stops on these values (the smoke
-    # val_x0_mse barely moves in 20 steps, so which ones, and how many, varies from run to run), and stopped
-    # ones reported less than the finished ones.
-    full = len(values[order[0]])  # the first trial always runs to the end
-    assert full == 2  # smoke.yaml: max_steps 20, eval_every 10
-    expected = asha_stops(order, values, grace_period=settings.grace_period,
-                          reduction_factor=settings.reduction_factor, max_t=settings.max_t)
+    # ASHA: a trial at its first validation worse than the median of those before it there is stopped, so
+    # the bad learning rate's trials are (the first trial always runs to the end). The summary sees that only
+    # in the results: the trials stopped early are those that reported fewer than max_t times.
+    full = len(values[order[0]])
+    assert full == settings.max_t == 2  # smoke.yaml: max_steps 20, eval_every 10
+    short = {tid for tid, vs in values.items() if len(vs) < settings.max_t}
     stopped = {t["trial_id"] for t in best["all_trials"] if t["stopped_early"]}
-    assert stopped == expected and best["trials_stopped_early"] == len(stopped)
-    assert all(len(values[tid]) < full for tid in stopped)
+    assert stopped == short and best["trials_stopped_early"] == len(short) >= 1, values
+    assert all(sampled[tid]["train.lr"] == BAD_LR for tid in stopped), values
     assert all(len(values[tid]) == full for tid in values if tid not in stopped)
 
     # The checkpoint is the best trial's, from its Ray Train run in the experiment folder.

@@ -20,7 +20,8 @@ def pyarrow_pass(uris: list[str], batch_size: int, max_windows: int) -> int:
     import pyarrow.parquet as pq
 
     from p2es_dist.data.batches import table_to_batch
-    from p2es_dist.data.loader import READ_COLUMNS, shard_paths
+    from p2es_dist.data.loader import READ_COLUMNS
+    from p2es_dist.data.read import shard_paths
 
     filesystem, paths = shard_paths(uris)
     windows = 0

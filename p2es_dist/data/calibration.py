@@ -226,18 +226,16 @@ def _train_profiles(uris: list[str]) -> dict[str, list[CalibrationProfile]]:
     import pyarrow as pa
     import pyarrow.dataset as ds
 
-    from p2es_dist.data.loader import calibration_available, shard_paths
+    from p2es_dist.data.read import calibration_available, read_table
 
     if not calibration_available(uris):
         return {}
-    filesystem, paths = shard_paths(uris)
-    dataset = ds.dataset(paths, filesystem=filesystem, format="parquet")
-    key = "record" if "record" in dataset.schema.names else "subject_id"
-    source = ["source"] if "source" in dataset.schema.names else []
-    rows = (ds.field("split") == "train") & ds.field("calib_pat_s").is_valid()
-    table = dataset.to_table(columns=[key, *source, "calib_pat_s", "calib_beat", "calib_beat_mask"], filter=rows)
+    table = read_table(uris, ["subject_id", "calib_pat_s", "calib_beat", "calib_beat_mask"], split="train",
+                       where=ds.field("calib_pat_s").is_valid(), optional=["record", "source"])
     if len(table) == 0:
         return {}
+    key = "record" if "record" in table.column_names else "subject_id"
+    source = ["source"] if "source" in table.column_names else []
     _, first = np.unique(np.asarray(table.column(key).to_pylist(), dtype=object), return_index=True)
     table = table.take(pa.array(np.sort(first)))
     beats = table.column("calib_beat").combine_chunks().flatten().to_numpy(zero_copy_only=False)

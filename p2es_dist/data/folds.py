@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from p2es_dist.data.read import read_manifest, read_table
 from p2es_dist.data.splits import subject_hash
 from p2es_dist.errors import UserError
 from p2es_dist.storage import uri as uri_lib
@@ -38,15 +39,7 @@ def fold_split(group: int, fold: int, folds: int) -> str:
 
 def read_all_windows(uri: str) -> tuple[dict, pa.Table]:
     """(manifest, every row of every shard) of one shard folder."""
-    manifest_uri = uri_lib.join(uri, "manifest.json")
-    if not uri_lib.exists(manifest_uri):
-        raise UserError(f"--data {uri}: no manifest.json (not an ingest output, or unfinished)")
-    manifest = json.loads(uri_lib.read_text(manifest_uri))
-    tables = [pq.read_table(io.BytesIO(uri_lib.read_bytes(uri_lib.join(uri, shard["path"]))))
-              for shard in manifest["shards"]]
-    if not tables:
-        raise UserError(f"--data {uri}: the manifest lists no shards")
-    return manifest, pa.concat_tables(tables, promote_options="default")
+    return read_manifest(uri, option="--data"), read_table([uri], None, option="--data")
 
 
 def write_fold_shards(uri: str, out: str, *, folds: int, seed: int = 0) -> list[str]:

@@ -5,16 +5,14 @@
     # inside the worker loop:
     for batch in torch_batches(ray.train.get_dataset_shard("train"), config, training=True): ...
 
-Shards are found through each folder's `manifest.json`, never by listing the folder, so a shard of an
-interrupted ingest is never read. The split is a filter pushed down into the Parquet scan. Conversion to
-model space (and augmentation, for training) runs in Ray Data's parallel `map_batches` on whole Arrow
-blocks, so no per-row Python touches the signals.
+Shards are read by `data/read.py` (through each folder's manifest, the split filter pushed down into the
+Parquet scan). Conversion to model space (and augmentation, for training) runs in Ray Data's parallel
+`map_batches` on whole Arrow blocks, so no per-row Python touches the signals.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +23,9 @@ import pyarrow as pa
 from p2es_dist.constants import LEADS
 from p2es_dist.data.augment import AugmentConfig, augment_batch
 from p2es_dist.data.batches import table_to_batch
+from p2es_dist.data.read import calibration_available, read_windows
 from p2es_dist.data.schema import CALIBRATION_COLUMNS
 from p2es_dist.errors import UserError
-from p2es_dist.storage import uri as uri_lib
 
 TRANSPORT_FLOAT16 = ("ecg", "ppg", "template")
 
@@ -50,54 +48,6 @@ class LoaderConfig:
     condition_leads: list[str] = field(default_factory=list)  # recorded leads given as input, e.g. [II]
     teacher_ecg: bool = False  # shards carry a `teacher_ecg` column (distillation) that batches pass on
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-
-def shard_paths(uris: list[str]) -> tuple[pa.fs.FileSystem, list[str]]:
-    """The pyarrow filesystem and every shard path listed by the manifests under `uris`."""
-    if not uris:
-        raise UserError("data.uris: expected at least one shard folder (the --output of `p2es ingest`)")
-    if len({uri_lib.is_s3(u) for u in uris}) > 1:
-        raise UserError(f"data.uris: mix local folders and s3:// in separate runs, got {uris}")
-    filesystem, paths = None, []
-    for folder in uris:
-        manifest_uri = uri_lib.join(folder, "manifest.json")
-        if not uri_lib.exists(manifest_uri):
-            raise UserError(f"data.uris: {folder} has no manifest.json (not an ingest output, or unfinished)")
-        manifest = json.loads(uri_lib.read_text(manifest_uri))
-        for shard in manifest["shards"]:
-            fs, path = uri_lib.pyarrow_filesystem(uri_lib.join(folder, shard["path"]))
-            filesystem = filesystem or fs
-            paths.append(path)
-    if not paths:
-        raise UserError(f"data.uris: the manifests under {uris} list no shards")
-    return filesystem, paths
-
-
-def calibration_available(uris: list[str]) -> bool:
-    """Whether every shard folder under `uris` carries beat timing and calibration (shard schema >= 2)."""
-    manifests = [uri_lib.join(u, "manifest.json") for u in uris]
-    if not manifests or not all(uri_lib.exists(m) for m in manifests):
-        return False  # `shard_paths` names the folder without a manifest
-    versions = [json.loads(uri_lib.read_text(m)).get("schema_version", 1) for m in manifests]
-    return min(versions) >= 2
-
-
-def read_windows(uris: list[str], *, split: str | None = None, min_quality: float = 0.0,
-                 columns: list[str] | None = None, include_paths: bool = False):
-    """Shard rows as a Ray Dataset, filtered to a split (pushed down into the Parquet scan). `include_paths`
-    adds each row's shard as `path`, for errors that name it."""
-    import ray.data
-    from ray.data.expressions import col, lit
-
-    filesystem, paths = shard_paths(uris)
-    columns = (columns or READ_COLUMNS) + (["path"] if include_paths else [])
-    dataset = ray.data.read_parquet(paths, filesystem=filesystem, include_paths=include_paths)
-    dataset = dataset.select_columns(columns)
-    if split is not None and split != "all":
-        dataset = dataset.filter(expr=col("split") == lit(split))
-    if min_quality > 0:
-        dataset = dataset.filter(expr=col("quality") >= lit(min_quality))
-    return dataset
 
 
 def window_seeds(window_ids: list[str], seed: int) -> list[int]:
@@ -139,8 +89,7 @@ def model_space_dataset(config: LoaderConfig, *, split: str, training: bool):
     # Teacher outputs (distillation) say per window whether the teacher saw its template.
     columns += (["teacher_ecg"] + (["template_hidden"] if calibrated else [])) if config.teacher_ecg else []
     # The shard path rides along so that a corrupt window is named with its shard (`refuse_non_finite`).
-    dataset = read_windows(config.uris, split=split, min_quality=config.min_quality, columns=columns,
-                           include_paths=True)
+    dataset = read_windows(config.uris, columns, split=split, min_quality=config.min_quality, include_paths=True)
     # Ray Data would wrap that UserError in a bare "UDF failed" (its message lost on the way to the driver);
     # this dataset's own context lets it through, so the CLI's one line names the window.
     dataset.context.raise_original_map_exception = True

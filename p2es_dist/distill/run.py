@@ -50,24 +50,14 @@ def stage_config(job: DistillJob, *, model: dict[str, Any], data_uri: str, run_n
 def scoring_batches(cache_uri: str, *, windows: int, batch_size: int = 64) -> Iterator[Batch]:
     """Up to `windows` training windows of the cached shards as torch batches (a plain pyarrow read)."""
     import numpy as np
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from p2es_dist.data.batches import table_to_batch
-    from p2es_dist.data.loader import READ_COLUMNS, shard_paths
+    from p2es_dist.data.loader import READ_COLUMNS
+    from p2es_dist.data.read import iter_tables
 
-    filesystem, paths = shard_paths([cache_uri])
-    remaining = windows
-    for path in paths:
-        with filesystem.open_input_file(path) as handle:
-            table = pq.read_table(handle, columns=READ_COLUMNS)
-        table = table.filter(pc.equal(table.column("split"), "train")).slice(0, remaining)
-        for start in range(0, len(table), batch_size):
-            batch = table_to_batch(table.slice(start, batch_size))
-            yield {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in batch.items()}
-        remaining -= len(table)
-        if remaining <= 0:
-            return
+    for table in iter_tables([cache_uri], READ_COLUMNS, split="train", limit=windows, batch_size=batch_size):
+        batch = table_to_batch(table)
+        yield {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in batch.items()}
 
 
 def export_artifacts(model: torch.nn.Module, folder: str, batch: Batch, *, quantize: bool) -> dict[str, Any]:

@@ -32,7 +32,8 @@ import pyarrow.compute as pc
 
 from p2es_dist import __version__
 from p2es_dist.constants import FS, N_LEADS, SCHEMA_VERSION, SHARD_SCHEMA_VERSION, WINDOW
-from p2es_dist.data.loader import READ_COLUMNS, calibration_available
+from p2es_dist.data.loader import CALIBRATION_READ_COLUMNS, READ_COLUMNS
+from p2es_dist.data.read import calibration_available, manifest_bytes, read_windows
 from p2es_dist.distill.config import DistillSection
 from p2es_dist.models.base import GenerationOptions
 from p2es_dist.storage import uri as uri_lib
@@ -45,7 +46,7 @@ FLOAT16_LIMIT = 65000.0  # an untrained teacher may stray far; float16 would tur
 
 def cache_key(*, teacher_digest: str, data_uris: list[str], distill: DistillSection) -> dict[str, Any]:
     """What the teacher's outputs depend on (the data by its manifests' bytes, not its location)."""
-    data = [hashlib.sha256(uri_lib.read_bytes(uri_lib.join(u, "manifest.json"))).hexdigest() for u in data_uris]
+    data = [hashlib.sha256(manifest_bytes(u)).hexdigest() for u in data_uris]
     return {"teacher_digest": teacher_digest, "sampler": distill.sampler, "steps": distill.steps,
             "seed": distill.seed, "n_samples": distill.n_samples, "splits": sorted(distill.splits), "data": data,
             "template_dropout": distill.template_dropout}
@@ -125,17 +126,9 @@ class TeacherPredictor:
 def infer_with_ray(*, teacher_uri: str, data_uris: list[str], distill: DistillSection, shard_folder: str) -> None:
     """Teacher outputs for the configured splits of `data_uris`, written as Parquet under `shard_folder`."""
     import ray.data
-    from ray.data.expressions import col, lit
-
-    from p2es_dist.data.loader import CALIBRATION_READ_COLUMNS, read_windows
 
     columns = READ_COLUMNS + (CALIBRATION_READ_COLUMNS if calibration_available(data_uris) else [])
-    dataset = read_windows(data_uris, split=None, columns=columns)
-    wanted = None
-    for split in distill.splits:
-        match = col("split") == lit(split)
-        wanted = match if wanted is None else wanted | match
-    dataset = dataset.filter(expr=wanted)
+    dataset = read_windows(data_uris, columns, split=distill.splits)
     use_gpu = distill.gpus_per_actor > 0
     dataset = dataset.map_batches(
         TeacherPredictor,

@@ -2,8 +2,8 @@
 
 Per label of `constants.LABELS`, on the labelled windows only (a window with an empty label set is
 "unknown", e.g. BIDMC, and skipped), and only for labels with at least one positive among them:
-sensitivity, specificity, precision and F1 at a fixed probability threshold (0.5), and AUROC from the
-rank (Mann-Whitney U) formula with average ranks for ties. scikit-learn is not a dependency.
+sensitivity, specificity, precision and F1 at a fixed probability threshold (0.5), and AUROC
+(scikit-learn's `roc_auc_score`: a tie between a positive and a negative counts one half).
 
 The recorded ECG is scored with its recorded-lead mask; the generated ECG is scored as the 12-lead
 ECG the model outputs (all leads present), which is what a reader of the generated ECG would see.
@@ -12,7 +12,7 @@ ECG the model outputs (all leads present), which is what a reader of the generat
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
+from sklearn.metrics import roc_auc_score
 
 from p2es_dist.constants import LABELS
 
@@ -20,13 +20,11 @@ THRESHOLD = 0.5
 
 
 def auroc(scores: np.ndarray, targets: np.ndarray) -> float | None:
-    """Area under the ROC curve by the rank formula; None without both classes."""
+    """Area under the ROC curve; None without both classes (scikit-learn would raise)."""
     scores, targets = np.asarray(scores, np.float64), np.asarray(targets, bool)
-    n_pos, n_neg = int(targets.sum()), int((~targets).sum())
-    if n_pos == 0 or n_neg == 0:
+    if targets.all() or not targets.any():
         return None
-    ranks = rankdata(scores)  # average ranks: a tie between a positive and a negative counts one half
-    return float((ranks[targets].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(roc_auc_score(targets, scores))
 
 
 def _ratio(numerator: int, denominator: int) -> float | None:

@@ -4,7 +4,7 @@
               labels=["MI", "NORM"], out="out/probe")
 
 For each label: encoder features of the `train_split` windows of `train_data` -> an L2-regularised
-logistic regression on standardised features (full-batch L-BFGS in float64) -> AUROC on the `split`
+logistic regression on standardised features (scikit-learn, L-BFGS in float64) -> AUROC on the `split`
 windows of `data`. Features are `Encoder.channel_embed` by default (each channel's tokens averaged over
 time, so a probe can weigh the leads where an MI shows) or `Encoder.embed` (`features="mean"`). The
 L2 strength is picked from `L2_GRID` by subject-grouped cross-validation on the training windows only.
@@ -26,7 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GroupKFold, PredefinedSplit, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from p2es_dist.constants import LABEL_INDEX, LABELS
 from p2es_dist.errors import UserError
@@ -41,32 +45,21 @@ WINDOW_COLUMNS = ["subject_id", "ppg", "ecg", "ecg_mask", "age", "sex", "labels"
 def window_batches(uris: Sequence[str], split: str, *, max_windows: int | None = None,
                    batch_size: int = 64) -> Iterator[Batch]:
     """Model-space torch batches of one split (`all` for every window), read with pyarrow, in shard order."""
-    import pyarrow as pa
-    import pyarrow.dataset as ds
-
     from p2es_dist.data.batches import table_to_batch
-    from p2es_dist.data.loader import shard_paths
+    from p2es_dist.data.read import iter_tables
 
-    filesystem, paths = shard_paths(list(uris))
-    dataset = ds.dataset(paths, filesystem=filesystem, format="parquet")
-    row_filter = None if split == "all" else ds.field("split") == split
-    remaining = max_windows if max_windows is not None else float("inf")
-    with uri_lib.storage_errors(uris[0]):
-        for record_batch in dataset.to_batches(columns=WINDOW_COLUMNS, filter=row_filter, batch_size=batch_size):
-            if remaining <= 0:
-                return
-            table = pa.Table.from_batches([record_batch]).slice(0, int(min(remaining, record_batch.num_rows)))
-            if not table.num_rows:
-                continue
-            remaining -= table.num_rows
-            yield {key: torch.from_numpy(np.array(value)) for key, value in table_to_batch(table).items()}
+    for table in iter_tables(list(uris), WINDOW_COLUMNS, split=split, limit=max_windows, batch_size=batch_size):
+        yield {key: torch.from_numpy(np.array(value)) for key, value in table_to_batch(table).items()}
 
 
 # --- logistic regression ---------------------------------------------------------------------------
-class LogisticProbe:
-    """Standardised features -> L2-regularised logistic regression, fitted with full-batch L-BFGS.
+class LogisticProbe(ClassifierMixin, BaseEstimator):
+    """Standardised features -> L2-regularised logistic regression (scikit-learn, L-BFGS in float64).
 
-    Minimises mean binary cross-entropy + l2 / 2 * ||w||^2 (the bias is not penalised).
+    Minimises mean binary cross-entropy + l2 / 2 * ||w||^2 on features scaled to zero mean and unit
+    (population) variance; the bias is not penalised. scikit-learn's lbfgs solver minimises
+    mean loss + 1 / (2 * C * n) * ||w||^2 over n training windows, so C = 1 / (l2 * n): `l2` keeps its
+    meaning whatever the number of windows (a fold's training part or the whole training split).
     """
 
     def __init__(self, *, l2: float = 1e-2, max_iter: int = 200) -> None:
@@ -74,34 +67,21 @@ class LogisticProbe:
         self.max_iter = max_iter
 
     def fit(self, features: np.ndarray, targets: np.ndarray) -> LogisticProbe:
-        x = torch.as_tensor(features, dtype=torch.float64)
-        self.mean = x.mean(dim=0)
-        self.std = x.std(dim=0).clamp_min(1e-8)  # a constant feature stays 0 after scaling
-        x = (x - self.mean) / self.std
-        y = torch.as_tensor(targets, dtype=torch.float64)
-        self.weight = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-        self.bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        optimizer = torch.optim.LBFGS([self.weight, self.bias], max_iter=self.max_iter, tolerance_grad=1e-9,
-                                      line_search_fn="strong_wolfe")
-
-        def closure() -> Tensor:
-            optimizer.zero_grad()
-            logits = x @ self.weight + self.bias
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
-            loss = loss + 0.5 * self.l2 * self.weight.square().sum()
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        self.weight, self.bias = self.weight.detach(), self.bias.detach()
+        x = np.asarray(features, np.float64)
+        regression = LogisticRegression(C=1.0 / (self.l2 * len(x)), tol=1e-9, max_iter=self.max_iter)
+        self.model_ = make_pipeline(StandardScaler(), regression).fit(x, targets)
+        self.classes_ = self.model_.classes_
         return self
 
     def decision_function(self, features: np.ndarray) -> np.ndarray:
-        x = (torch.as_tensor(features, dtype=torch.float64) - self.mean) / self.std
-        return (x @ self.weight + self.bias).numpy()
+        return self.model_.decision_function(np.asarray(features, np.float64))
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return self.model_.predict(np.asarray(features, np.float64))
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-self.decision_function(features)))
+        """P(positive) per window (a 1-D array, unlike scikit-learn's two columns)."""
+        return self.model_.predict_proba(np.asarray(features, np.float64))[:, 1]
 
 
 L2_GRID = (1e-3, 1e-2, 1e-1, 1.0)
@@ -111,24 +91,29 @@ FEATURES = {"channels": "channel_embed", "mean": "embed"}
 
 
 def subject_folds(subjects: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Fold index per window; every window of a subject lands in the same fold."""
-    unique, inverse = np.unique(subjects, return_inverse=True)
-    fold_of_subject = np.random.default_rng(seed).permutation(len(unique)) % folds
-    return fold_of_subject[inverse]
+    """Fold index per window; every window of a subject lands in the same fold (shuffled GroupKFold)."""
+    fold = np.empty(len(subjects), dtype=np.int64)
+    splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (_, held) in enumerate(splitter.split(subjects, groups=subjects)):
+        fold[held] = k
+    return fold
 
 
 def select_l2(x: np.ndarray, y: np.ndarray, subjects: np.ndarray, *, seed: int = 0) -> tuple[float, float | None]:
     """(l2, its out-of-fold AUROC) from L2_GRID by subject-grouped CV; (DEFAULT_L2, None) when a fold's
-    training part lacks a class or there are fewer subjects than folds."""
+    training part lacks a class or there are fewer subjects than folds.
+
+    The out-of-fold scores of all folds are pooled into one AUROC rather than averaging per-fold AUROCs
+    as GridSearchCV would: a fold's held-out windows may hold a single class, which has no AUROC.
+    """
+    if len(np.unique(subjects)) < CV_FOLDS:
+        return DEFAULT_L2, None
     fold = subject_folds(subjects, CV_FOLDS, seed)
-    if len(np.unique(subjects)) < CV_FOLDS or any(np.ptp(y[fold != k]) == 0 for k in range(CV_FOLDS)):
+    if any(np.ptp(y[fold != k]) == 0 for k in range(CV_FOLDS)):
         return DEFAULT_L2, None
 
     def out_of_fold_auroc(l2: float) -> float:
-        scores = np.zeros(len(y))
-        for k in range(CV_FOLDS):
-            held = fold == k
-            scores[held] = LogisticProbe(l2=l2).fit(x[~held], y[~held]).decision_function(x[held])
+        scores = cross_val_predict(LogisticProbe(l2=l2), x, y, cv=PredefinedSplit(fold), method="decision_function")
         return auroc(scores, y)  # both classes are present: every fold's training part has them
 
     cv = {l2: out_of_fold_auroc(l2) for l2 in L2_GRID}

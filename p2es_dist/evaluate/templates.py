@@ -31,7 +31,7 @@ import torch
 from p2es_dist.constants import LEADS, N_LEADS, WINDOW
 from p2es_dist.data import timing
 from p2es_dist.data.calibration import CalibrationProfile, hedged_beat
-from p2es_dist.data.loader import calibration_available
+from p2es_dist.data.read import calibration_available
 from p2es_dist.errors import UserError
 from p2es_dist.models.base import GenerationOptions, TranslationModel
 from p2es_dist.storage import uri as uri_lib

@@ -7,7 +7,7 @@ exactly that without starting Ray, and a deterministic window order (sorted by `
 stochastic models need to be reproducible under `--seed`: their noise depends on batch composition.
 Signals stay float16 Arrow (about 26 KB per window) until a batch is converted, so tens of thousands
 of windows fit in memory; `--max-windows` caps larger evaluations. Training-scale reading stays with
-`p2es_dist.data.loader.read_windows` (Ray Data).
+`p2es_dist.data.read.read_windows` (Ray Data).
 
 Batches go through `p2es_dist.data.loader.convert_block`, the same conversion training uses, so a model
 sees exactly the inputs it was trained on.
@@ -15,16 +15,15 @@ sees exactly the inputs it was trained on.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from p2es_dist.constants import LEADS, SPLITS
-from p2es_dist.data.loader import calibration_available, convert_block, shard_paths
+from p2es_dist.data.loader import convert_block
+from p2es_dist.data.read import calibration_available, read_table
 from p2es_dist.data.schema import CALIBRATION_COLUMNS
 from p2es_dist.errors import UserError
 from p2es_dist.evaluate.templates import template_renders
@@ -32,38 +31,18 @@ from p2es_dist.evaluate.templates import template_renders
 EVAL_COLUMNS = ["window_id", "subject_id", "split", "ppg", "ecg", "ecg_mask", "age", "sex", "labels"]
 
 
-def _subset_key(window_id: str) -> bytes:
-    return hashlib.blake2b(window_id.encode(), digest_size=8).digest()
-
-
 def read_eval_windows(uris: list[str], *, split: str = "test", max_windows: int | None = None) -> pa.Table:
-    """Rows of `split` ("all" for every split), sorted by `window_id`.
-
-    With `max_windows`, the N windows whose ids hash lowest (blake2b) are kept: a deterministic subset
-    spread over records and subjects (the first N ids would all come from one record), and stable when
-    windows are added (a larger N keeps every window of a smaller one).
-    """
+    """Rows of `split` ("all" for every split), sorted by `window_id`; with `max_windows`, the deterministic
+    subset of `data.read.read_table` (the windows whose ids hash lowest)."""
     if split != "all" and split not in SPLITS:
         raise UserError(f"--split: expected all, {', '.join(SPLITS)}; got {split!r}")
     if max_windows is not None and max_windows < 1:
         raise UserError(f"--max-windows: expected a positive number, got {max_windows}")
-    try:
-        filesystem, paths = shard_paths(uris)
-    except UserError as exc:  # the loader names its config field; here the user typed --data
-        raise UserError(str(exc).replace("data.uris", "--data", 1)) from exc
-    dataset = ds.dataset(paths, filesystem=filesystem, format="parquet")
-    row_filter = None if split == "all" else ds.field("split") == split
-    ids = dataset.to_table(columns=["window_id"], filter=row_filter).column("window_id").to_pylist()
-    if not ids:
-        raise UserError(f"--data {','.join(uris)}: no windows in split {split!r}")
-    if max_windows is not None and max_windows < len(ids):
-        ids = sorted(ids, key=_subset_key)[:max_windows]
-        chosen = pa.array(ids, pa.string())
-        row_filter = ds.field("window_id").isin(chosen) if row_filter is None else (
-            row_filter & ds.field("window_id").isin(chosen))
     timing_columns = ["start", "record", "source", *CALIBRATION_COLUMNS]
     columns = EVAL_COLUMNS + (timing_columns if calibration_available(uris) else [])
-    table = dataset.to_table(columns=columns, filter=row_filter)
+    table = read_table(uris, columns, split=split, subset=max_windows, option="--data")
+    if not len(table):
+        raise UserError(f"--data {','.join(uris)}: no windows in split {split!r}")
     return table.take(pc.sort_indices(table, sort_keys=[("window_id", "ascending")]))
 
 

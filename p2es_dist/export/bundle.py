@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from p2es_dist.constants import FS, LEADS, WINDOW
+from p2es_dist.constants import FS, LABELS, LEADS, WINDOW
 from p2es_dist.data.preprocess import PreprocessConfig
 from p2es_dist.errors import UserError
-from p2es_dist.export.model_card import describe_data, render_model_card
+from p2es_dist.export.model_card import FROM_DEFAULTS, FROM_MANIFESTS, describe_data, render_model_card
 from p2es_dist.models import checkpoint as ckpt
 from p2es_dist.models.base import GenerationOptions
 from p2es_dist.storage import uri as uri_lib
@@ -93,18 +93,130 @@ def fp32_weights(model: torch.nn.Module, model_config: dict[str, Any]) -> bytes:
     return ckpt.encode_weights(model, model_config, format=ckpt.BUNDLE_FORMAT)
 
 
-def preprocessing() -> dict[str, Any]:
-    pre = PreprocessConfig()
+class TrainingDataUnreadable(UserError):
+    """The training data's manifests or shards cannot be read (--preprocessing-from-defaults falls back)."""
+
+
+# What translate and calibrate take from a bundle as one value for all the training data (`preprocess_config`,
+# the 125 Hz / 1024-sample framing): training folders that disagree on one have no single answer to record.
+AGREED = ("fs", "window", "ppg_band_hz", "ecg_band_hz", "filter_order", "max_gap_s", "flat_s")
+_STATED = (*AGREED, "hop")
+
+
+def read_manifests(uris: list[str], *, checkpoint: str) -> dict[str, dict[str, Any]]:
+    """manifest.json of each training folder; TrainingDataUnreadable when the data is unknown or unreachable."""
+    if not uris:
+        raise TrainingDataUnreadable(
+            f"--checkpoint {checkpoint}: no result.json beside it names the training data (config.data.uris), so "
+            "the bundle cannot state the preprocessing the model was trained with; pass --train-result <the "
+            "training run's result.json>")
+    manifests = {}
+    for uri in uris:
+        manifest = uri_lib.join(uri, "manifest.json")
+        # Without a configured endpoint an s3:// URI would be looked up on AWS itself.
+        if uri_lib.is_s3(uri) and not uri_lib.endpoint():
+            raise TrainingDataUnreadable(f"training data {uri}: no S3 endpoint configured to read its manifest.json")
+        try:
+            with uri_lib.storage_errors(manifest):
+                if not uri_lib.exists(manifest):
+                    raise TrainingDataUnreadable(f"training data {uri}: no manifest.json there (moved or deleted?)")
+                manifests[uri] = json.loads(uri_lib.read_text(manifest))
+        except ValueError as exc:
+            raise TrainingDataUnreadable(f"training data {manifest}: not valid JSON ({exc})") from None
+        except TrainingDataUnreadable:
+            raise
+        except UserError as exc:  # storage failures, already one line
+            raise TrainingDataUnreadable(str(exc)) from None
+    return manifests
+
+
+def ingested_settings(uri: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The preprocessing one folder was ingested with: its manifest's fs, window and config.preprocess."""
+    stated = {**((manifest.get("config") or {}).get("preprocess") or {}),
+              "fs": manifest.get("fs"), "window": manifest.get("window")}
+    missing = [key for key in _STATED if stated.get(key) is None]
+    if missing:
+        raise TrainingDataUnreadable(f"training data {uri}: manifest.json states no {', '.join(missing)} (not "
+                                     "written by `p2es ingest`, or by an older one: re-ingest it)")
+    settings: dict[str, Any] = {key: [float(f) for f in stated[key]] if key.endswith("_band_hz") else stated[key]
+                                for key in _STATED}
+    settings.update(fs=int(settings["fs"]), window=int(settings["window"]), hop=int(settings["hop"]),
+                    filter_order=int(settings["filter_order"]), max_gap_s=float(settings["max_gap_s"]),
+                    flat_s=float(settings["flat_s"]))
+    return settings
+
+
+def _has_ppg(manifest: dict[str, Any]) -> bool:
+    # Ingest writes units {"ppg": None} for ECG-only corpora; a manifest without units may hold PPG.
+    units = manifest.get("units")
+    return not isinstance(units, dict) or "ppg" not in units or units["ppg"] is not None
+
+
+def agreed_settings(manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One value per AGREED field over the training folders (the PPG band over those holding PPG); UserError
+    naming the folders and their values where they disagree."""
+    settings = {uri: ingested_settings(uri, manifest) for uri, manifest in manifests.items()}
+    with_ppg = [uri for uri, manifest in manifests.items() if _has_ppg(manifest)] or list(manifests)
+    agreed: dict[str, Any] = {}
+    for key in AGREED:
+        folders = with_ppg if key == "ppg_band_hz" else list(settings)
+        values: dict[str, list[str]] = {}
+        for uri in folders:
+            values.setdefault(json.dumps(settings[uri][key]), []).append(uri)
+        if len(values) > 1:
+            found = "; ".join(f"{', '.join(uris)}: {value}" for value, uris in values.items())
+            raise UserError(f"training data disagree on {key} ({found}); a bundle states one preprocessing for "
+                            "translate: re-ingest the folders with the same settings")
+        agreed[key] = settings[folders[0]][key]
+    if (agreed["fs"], agreed["window"]) != (FS, WINDOW):
+        raise UserError(f"training data ingested at {agreed['fs']} Hz in {agreed['window']}-sample windows; this "
+                        f"package translates at {FS} Hz in {WINDOW}-sample windows")
+    hops = {s["hop"] for s in settings.values()}
+    agreed["hop"] = hops.pop() if len(hops) == 1 else None  # training overlap only: translate takes --hop
+    return agreed
+
+
+def preprocessing(settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The bundle's `preprocessing`: the training data's agreed settings, or ingest's defaults when None."""
+    if settings is None:
+        pre = PreprocessConfig()
+        settings = {"fs": FS, "window": WINDOW, "ppg_band_hz": list(pre.ppg_band_hz),
+                    "ecg_band_hz": list(pre.ecg_band_hz), "filter_order": pre.filter_order,
+                    "max_gap_s": pre.max_gap_s, "flat_s": pre.flat_s, "hop": pre.hop}
+        origin = FROM_DEFAULTS
+    else:
+        origin = FROM_MANIFESTS
+    band = settings["ppg_band_hz"]
     return {
-        "fs": FS, "window": WINDOW, "leads": list(LEADS), "units": "mV",
-        "ppg": f"resampled to {FS} Hz, band-pass {pre.ppg_band_hz[0]}-{pre.ppg_band_hz[1]} Hz (Butterworth order "
-               f"{pre.filter_order}, zero phase), min-max scaled to [-1, 1] per window",
+        "fs": settings["fs"], "window": settings["window"], "leads": list(LEADS), "units": "mV",
+        "ppg": f"resampled to {settings['fs']} Hz, band-pass {band[0]:g}-{band[1]:g} Hz (Butterworth order "
+               f"{settings['filter_order']}, zero phase), min-max scaled to [-1, 1] per window",
         "ecg": f"{len(LEADS)} leads divided together by one factor per window (max |x| over recorded leads); "
                "multiply by that factor to get mV back (generated ECG has no absolute scale)",
-        "ppg_band_hz": list(pre.ppg_band_hz), "ecg_band_hz": list(pre.ecg_band_hz),
-        "filter_order": pre.filter_order, "max_gap_s": pre.max_gap_s, "hop": pre.hop,
-        "ecg_scale_mv": ECG_SCALE_MV,
+        **{key: settings[key] for key in ("ppg_band_hz", "ecg_band_hz", "filter_order", "max_gap_s", "flat_s",
+                                          "hop")},
+        "ecg_scale_mv": ECG_SCALE_MV, "from": origin,
     }
+
+
+def label_vocabulary(uris: list[str] | None, *, note: str = "the training data was not read") -> dict[str, Any]:
+    """The bundle's `labels`: the package's vocabulary (the order of label outputs) and, per label, the train
+    windows of the training data that carry it (None, with `note`, when `uris` is None)."""
+    if uris is None:
+        return {"vocabulary": list(LABELS), "train_windows": None,
+                "note": f"{note}: which labels the training data holds is unknown"}
+    import pyarrow.compute as pc
+
+    from p2es_dist.data.read import read_table
+
+    try:
+        table = read_table(uris, ["labels"], split="train", option="training data")
+    except (UserError, OSError) as exc:
+        raise TrainingDataUnreadable(f"training data shards: {exc}") from None
+    counts = {str(row["values"]): int(row["counts"])
+              for row in pc.value_counts(pc.list_flatten(table["labels"])).to_pylist()}
+    order = [label for label in LABELS if label in counts] + sorted(set(counts) - set(LABELS))
+    return {"vocabulary": list(LABELS), "train_windows": {label: counts[label] for label in order}}
 
 
 def generation_settings(model: torch.nn.Module, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -117,6 +229,30 @@ def generation_settings(model: torch.nn.Module, metrics: dict[str, Any] | None) 
     settings = model.generation_options(GenerationOptions()).as_dict()
     settings.update({k: v for k, v in ((metrics or {}).get("generation") or {}).items() if k in settings})
     return settings
+
+
+def from_training_data(uris: list[str], *, checkpoint: str, fallback: bool
+                       ) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None, dict[str, Any]]:
+    """(manifests, agreed settings, labels) of the training data; with `fallback`, what cannot be read is
+    replaced by ingest's defaults and the package's vocabulary ({} and None for unread manifests)."""
+    def refuse(exc: TrainingDataUnreadable) -> UserError:
+        return UserError(f"{exc}; or pass --preprocessing-from-defaults to state ingest's defaults, which "
+                         "translate then applies whatever the data was ingested with")
+
+    try:
+        manifests = read_manifests(uris, checkpoint=checkpoint)
+        settings = agreed_settings(manifests)
+    except TrainingDataUnreadable as exc:
+        if not fallback:
+            raise refuse(exc) from None
+        return {}, None, label_vocabulary(None)
+    try:
+        labels = label_vocabulary(uris)
+    except TrainingDataUnreadable as exc:
+        if not fallback:
+            raise refuse(exc) from None
+        labels = label_vocabulary(None, note=f"the training shards could not be read ({exc})")
+    return manifests, settings, labels
 
 
 def _stage(folder: Path, files: dict[str, bytes]) -> None:
@@ -157,8 +293,14 @@ def _publish(staging: Path, out: str, *, overwrite: bool) -> None:
 
 
 def write_bundle(checkpoint: str, out: str, *, metrics: str | None = None, no_metrics: bool = False,
-                 kind: str | None = None, train_result: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Export `checkpoint` (any URI `load_model` reads) as a bundle at `out`; returns a summary."""
+                 kind: str | None = None, train_result: str | None = None, overwrite: bool = False,
+                 preprocessing_from_defaults: bool = False) -> dict[str, Any]:
+    """Export `checkpoint` (any URI `load_model` reads) as a bundle at `out`; returns a summary.
+
+    The bundle's preprocessing and labels come from the training data (`config.data.uris` of the run's
+    result.json): its manifests and shards. Where those cannot be read, export refuses unless
+    `preprocessing_from_defaults`, which states ingest's defaults instead, marked as such.
+    """
     from p2es_dist import __version__
     from p2es_dist.export.mobile import write_mobile_artefacts
     from p2es_dist.models.base import count_parameters
@@ -180,7 +322,9 @@ def write_bundle(checkpoint: str, out: str, *, metrics: str | None = None, no_me
     if model_config.get("init_weights"):  # a training-time pointer to other weights; the bundle has its own
         model_config["init_weights"] = None
     uris, origin = training_uris(checkpoint, train_result)
-    training = describe_data(uris)
+    manifests, settings, labels = from_training_data(uris, checkpoint=checkpoint,
+                                                     fallback=preprocessing_from_defaults)
+    training = describe_data(uris, manifests=manifests)
     weights = fp32_weights(loaded.model, model_config)
 
     staging_parent = None if uri_lib.is_s3(out) else Path(out.removeprefix("file://")).resolve().parent
@@ -198,7 +342,8 @@ def write_bundle(checkpoint: str, out: str, *, metrics: str | None = None, no_me
                                 "disagrees with its weights") from None
         config = {
             "format": ckpt.BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, "package_version": __version__,
-            "kind": kind, "model": model_config, "preprocessing": preprocessing(),
+            "kind": kind, "model": model_config, "preprocessing": preprocessing(settings),
+            "labels": labels,
             **({"generation": gen} if (gen := generation_settings(loaded.model, metrics_dict)) else {}),
             "source_checkpoint": loaded.uri, "source_weights_sha256": loaded.digest,
             "weights_sha256": ckpt.sha256_bytes(weights), "parameters": count_parameters(loaded.model),
@@ -213,7 +358,8 @@ def write_bundle(checkpoint: str, out: str, *, metrics: str | None = None, no_me
         files = sorted(p.name for p in staging.iterdir())
         _publish(staging, out, overwrite=overwrite)
     summary = {"bundle": out, "kind": kind, "model": loaded.name, "files": files, "evaluated": metrics is not None,
-               "weights_sha256": config["weights_sha256"], "training_data": [r["source"] for r in training]}
+               "weights_sha256": config["weights_sha256"], "training_data": [r["source"] for r in training],
+               "preprocessing_from": config["preprocessing"]["from"]}
     if mobile:
         summary.update({f"{name}_max_abs_diff": m["max_abs_diff"] for name, m in mobile.items()})
     return summary

@@ -26,12 +26,18 @@ LICENCES: dict[str, str] = {
 _URI_NAMES = (("mimic3wdb", "mimic"), ("code15", "code15"), ("code15", "code-15"), ("ptbxl", "ptbxl"),
               ("ptbxl", "ptb-xl"), ("ludb", "ludb"), ("cinc", "cinc"), ("bidmc", "bidmc"),
               ("synthetic", "synthetic"))
+# A bundle's `preprocessing.from`: the training data's manifests, or ingest's defaults stated instead.
+FROM_MANIFESTS = "training data manifests"
+FROM_DEFAULTS = "ingest defaults (--preprocessing-from-defaults: the training data's manifests were not read)"
 METRIC_COLUMNS = ("mse", "mae", "rmse", "rrmse", "pearson", "dtw")
 DIAGNOSTIC_COLUMNS = ("sensitivity", "specificity", "precision", "f1", "auroc")
 
 
-def source_of(uri: str) -> str | None:
-    """A shard folder's source: its manifest.json's `source`, else a source name found in the URI."""
+def source_of(uri: str, manifest: dict[str, Any] | None = None) -> str | None:
+    """A shard folder's source: its manifest.json's `source` (`manifest` when already read), else a source
+    name found in the URI."""
+    if manifest and manifest.get("source"):
+        return str(manifest["source"])
     try:
         # Without a configured endpoint an s3:// URI would be looked up on AWS itself: the name must do.
         if uri_lib.is_s3(uri) and not uri_lib.endpoint():
@@ -47,11 +53,11 @@ def source_of(uri: str) -> str | None:
     return next((source for source, name in _URI_NAMES if name in lowered), None)
 
 
-def describe_data(uris: list[str]) -> list[dict[str, Any]]:
-    """[{"uri", "source", "licence"}] for each shard folder."""
+def describe_data(uris: list[str], *, manifests: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """[{"uri", "source", "licence"}] for each shard folder (`manifests`: those already read, by URI)."""
     rows = []
     for uri in uris:
-        source = source_of(uri)
+        source = source_of(uri, (manifests or {}).get(uri))
         licence = LICENCES.get(source or "", "unknown: check the data's own terms")
         rows.append({"uri": str(uri), "source": source or "unknown", "licence": licence})
     return rows
@@ -191,6 +197,23 @@ def _limitations(training: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def _labels_section(labels: dict[str, Any] | None) -> list[str]:
+    if not labels:
+        return []
+    lines = ["## Diagnostic labels", "",
+             f"Vocabulary (the order of label outputs): {', '.join(labels['vocabulary'])}.", ""]
+    counts = labels.get("train_windows")
+    if counts is None:
+        lines.append(f"Labels in the training data: unknown ({labels.get('note', 'not read')}).")
+    elif counts:
+        lines += ["Labels in the training data (windows of the train split):", ""]
+        lines += _table(["label", "windows"], [[label, n] for label, n in counts.items()])
+        return lines
+    else:
+        lines.append("Labels in the training data: none (no train window carries a diagnostic label).")
+    return lines + [""]
+
+
 def render_model_card(config: dict[str, Any], *, metrics: dict[str, Any] | None,
                       training: list[dict[str, Any]], training_origin: str | None) -> str:
     """The card's Markdown; `metrics` None means the model was exported with --no-metrics."""
@@ -214,9 +237,17 @@ def render_model_card(config: dict[str, Any], *, metrics: dict[str, Any] | None,
                                                         for r in training])
     else:
         lines += ["Not recorded with this checkpoint (export with `--train-result` to list it).", ""]
+    lines += _labels_section(config.get("labels"))
     lines += _metrics_section(metrics) if metrics is not None else []
-    lines += ["## Input and preprocessing", "",
-              f"- {pre['fs']} Hz, windows of {pre['window']} samples; leads in order {', '.join(pre['leads'])}",
+    lines += ["## Input and preprocessing", ""]
+    if pre.get("from") == FROM_MANIFESTS:
+        lines.append("- As the training data was ingested (each folder's manifest.json); `p2es translate` filters "
+                     "PPG the same way")
+    elif pre.get("from") == FROM_DEFAULTS:
+        lines.append("- **Not read from the training data: these are ingest's defaults (exported with "
+                     "`--preprocessing-from-defaults`); if the data was ingested otherwise, translation filters "
+                     "differently from training.**")
+    lines += [f"- {pre['fs']} Hz, windows of {pre['window']} samples; leads in order {', '.join(pre['leads'])}",
               f"- PPG: {pre['ppg']}", f"- ECG: {pre['ecg']}", ""]
     if config.get("generation"):
         gen = config["generation"]

@@ -75,7 +75,7 @@ def _eval_config(args):
 
 def _cross_validate(args) -> int:
     from p2es_dist.config import load_config
-    from p2es_dist.data.loader import calibration_available
+    from p2es_dist.data.read import calibration_available
     from p2es_dist.evaluate.cv import markdown
     from p2es_dist.jobs.cross_validate import run_cross_validation
 

@@ -5,6 +5,10 @@
         --metrics out/eval/metrics.json --out bundles/p2es-teacher
     p2es export --checkpoint out/train --no-metrics --out bundles/untested      # card says: not evaluated
 
+The bundle states the preprocessing and labels of the training data (`config.data.uris` of the run's
+result.json: each folder's manifest.json and shards); export refuses when they cannot be read, or when the
+folders were ingested with different settings, unless `--preprocessing-from-defaults`.
+
 `--kind` defaults from the model's name (p2es: teacher, student: student, encoder, classifier, anything
 else: baseline); students also get `model.onnx` and `model.pt`, each checked against PyTorch.
 """
@@ -34,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="publish without an evaluation; the card says in bold that the model was not evaluated")
     p.add_argument("--kind", choices=KINDS, help="what the model is (default: from its name)")
     p.add_argument("--train-result", help="result.json of the training run, whose config.data.uris name the "
-                                          "training data for the card (default: beside --checkpoint, if any)")
+                                          "training data: its preprocessing, labels and licences (default: "
+                                          "beside --checkpoint, if any)")
+    p.add_argument("--preprocessing-from-defaults", action="store_true",
+                   help="where the training data's manifests or shards cannot be read (no result.json, data "
+                        "moved): state ingest's default preprocessing instead of refusing; the card says so")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     args = p.parse_args(argv)
     if not args.out:
@@ -43,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     from p2es_dist.export.bundle import write_bundle
 
     summary = write_bundle(args.checkpoint, args.out, metrics=args.metrics, no_metrics=args.no_metrics,
-                           kind=args.kind, train_result=args.train_result, overwrite=args.overwrite)
+                           kind=args.kind, train_result=args.train_result, overwrite=args.overwrite,
+                           preprocessing_from_defaults=args.preprocessing_from_defaults)
     print(json.dumps(summary))
     return 0
 

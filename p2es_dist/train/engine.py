@@ -7,7 +7,6 @@ weights-only (`checkpoint_manifest`): resuming or consolidating never runs code 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -59,14 +58,23 @@ def deepspeed_config(train: TrainSection, *, batch_size: int, bf16: bool) -> dic
     return config
 
 
-def lr_factor(step: int, train: TrainSection) -> float:
-    """Linear warm-up, then cosine decay to 10 % (or constant)."""
-    if step < train.warmup_steps:
-        return (step + 1) / train.warmup_steps
+def lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up from lr / warmup_steps to lr at step warmup_steps - 1, then cosine decay to 10 % of lr
+    at max_steps and 10 % after (or constant lr after the warm-up)."""
+    from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
+
+    warmup_steps = train.warmup_steps
+    warmup = LinearLR(optimizer, start_factor=1.0 / max(1, warmup_steps), total_iters=max(0, warmup_steps - 1))
     if train.lr_schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps))
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return warmup  # LinearLR holds end_factor (1.0) once its iterations are done
+    decay_steps = max(1, train.max_steps - warmup_steps)
+    decay = CosineAnnealingLR(optimizer, T_max=decay_steps, eta_min=0.1 * train.lr)
+    # CosineAnnealingLR climbs back up after T_max; the floor holds 10 % should a run step past max_steps
+    # (ConstantLR's factor lasts total_iters steps: practically for ever).
+    floor = ConstantLR(optimizer, factor=0.1, total_iters=2**62)
+    if not warmup_steps:
+        return SequentialLR(optimizer, [decay, floor], milestones=[decay_steps])
+    return SequentialLR(optimizer, [warmup, decay, floor], milestones=[warmup_steps, warmup_steps + decay_steps])
 
 
 def build_engine(model: nn.Module, train: TrainSection, *, batch_size: int):
@@ -77,7 +85,7 @@ def build_engine(model: nn.Module, train: TrainSection, *, batch_size: int):
 
     wrapped = LossModule(model)
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))
+    scheduler = lr_scheduler(optimizer, train)
     engine, _, _, _ = deepspeed.initialize(
         model=wrapped, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(train, batch_size=batch_size, bf16=use_bf16(train)),

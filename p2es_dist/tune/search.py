@@ -8,7 +8,8 @@ builds the `TorchTrainer` of `p2es train` and runs it. Ray Train workers report 
 where ASHA decides whether the trial goes on. Stopping a trial ends its driver, and with it the Train
 controller and workers it owns; the search then removes the Train run's placement group (see
 `_ReleasePlacementGroups`). Tune's experiment and every trial's Train run (checkpoints included) live
-under `<train.storage_path>/<name>/`.
+under `<train.storage_path>/<name>/`. best.json is built from Tune's results alone (`tune/summary.py`);
+the one Ray internal used, for the placement groups, is behind `tune/ray_compat.py`.
 
 Resources: the driver only waits on the Train controller, so it asks for no CPU (a token of memory, since
 Tune needs a non-empty request); a trial's CPUs are its Train workers'. The search keeps at least one CPU
@@ -24,45 +25,27 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ray import PlacementGroupID
-from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.schedulers import ASHAScheduler
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
 from p2es_dist.storage import uri as uri_lib
-from p2es_dist.tune.spaces import SearchSpace, TuneSettings, apply_values, load_space, plain, validate_space
+from p2es_dist.tune import ray_compat
+from p2es_dist.tune.spaces import SearchSpace, TuneSettings, apply_values, load_space, validate_space
+from p2es_dist.tune.summary import TrialRecord, summarise, trial_record
+
+__all__ = ["TrialRecord", "concurrent_trials", "cpus_per_trial", "run_search", "summarise"]
 
 log = logging.getLogger("p2es.tune")
 
 DEFAULT_STORAGE = "~/ray_results"  # where Ray itself would put results when train.storage_path is unset
 TRIAL_DRIVER_MEMORY = 64 * 1024**2  # bytes: the driver's whole request (no CPU, see the module docstring)
-CHECKPOINT_PATH_KEY = "checkpoint_path"  # the key TuneReportCallback adds to a report with a checkpoint
-
-
-class StopRecordingASHA(ASHAScheduler):
-    """ASHA that remembers the trials it stopped before `max_t`.
-
-    Tune marks a trial stopped by its scheduler `done`, like one that finished, so the count of early
-    stops is only known here.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.stopped_early: set[str] = set()
-
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        decision = super().on_trial_result(tune_controller, trial, result)
-        if decision == TrialScheduler.STOP and result.get(self._time_attr, 0) < self._max_t:
-            self.stopped_early.add(trial.trial_id)
-        return decision
-
 
 # ---------------------------------------------------------------------------------------------------------
 # the trial: a Ray Train run driven from inside a Tune function trainable
@@ -94,7 +77,7 @@ def _train_driver(sampled: dict[str, Any], *, base_config: dict[str, Any], exper
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.train.keep_checkpoints,
                                                      checkpoint_score_attribute=metric,
                                                      checkpoint_score_order=mode),
-        callbacks=[_ForwardToTune(metric), _RecordPlacementGroup()],
+        callbacks=[_ForwardToTune(metric), ray_compat.RecordPlacementGroup()],
     )
     build_torch_trainer(config, run_config=run_config).fit()
 
@@ -104,17 +87,8 @@ def _train_driver(sampled: dict[str, Any], *, base_config: dict[str, Any], exper
 # API, which needs the dashboard (`ray[default]`): on a Ray without it the group leaks, its CPUs stay
 # reserved, and later trials starve the data pipeline. So each report names its group and the search
 # removes it once the trial is over. ASHA only stops a trial on a report, so a stopped trial has named it.
-# `WorkerGroupCallback` is a Ray Train internal; Train hands non-user callbacks to its controller as is.
+# Only a Ray Train internal knows the group (see ray_compat).
 PLACEMENT_GROUP_KEY = "train_placement_group"
-_controller_state: dict[str, str] = {}  # lives in a Train controller's process: its worker group's id
-
-
-class _RecordPlacementGroup(WorkerGroupCallback):
-    """Runs in the Train controller: remembers the placement group of each worker group it starts."""
-
-    def after_worker_group_start(self, worker_group) -> None:
-        handle = worker_group.get_worker_group_state().placement_group_handle
-        _controller_state[PLACEMENT_GROUP_KEY] = handle.placement_group.id.hex()
 
 
 class _ForwardToTune(TuneReportCallback):
@@ -123,12 +97,13 @@ class _ForwardToTune(TuneReportCallback):
 
     def __init__(self, metric: str) -> None:
         super().__init__()
-        self._metric = metric
+        self.metric = metric
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
-        if not metrics or self._metric not in metrics[0]:
+        if not metrics or self.metric not in metrics[0]:
             return
-        tagged = {**metrics[0], **_controller_state}
+        group = ray_compat.controller_placement_group()
+        tagged = {**metrics[0], **({PLACEMENT_GROUP_KEY: group} if group else {})}
         super().after_report(run_context, [tagged, *metrics[1:]], checkpoint)
 
 
@@ -178,6 +153,7 @@ def run_search(space: SearchSpace | str | os.PathLike, base_config: dict[str, An
         space = load_space(space)
     if validate:
         validate_space(space, base_config)
+    ray_compat.require_ray_internals()  # before any trial starts: a one-line error, not a failed trial each
     from p2es_dist.train.trainer import with_population
 
     # Once for the search, not in every trial (each would read the training shards again).
@@ -194,8 +170,8 @@ def run_search(space: SearchSpace | str | os.PathLike, base_config: dict[str, An
     # down cleanly) rather than being cut at max_t, which then only sets the rungs.
     scheduler = None
     if settings.scheduler == "asha":
-        scheduler = StopRecordingASHA(grace_period=settings.grace_period, reduction_factor=settings.reduction_factor,
-                                      max_t=settings.max_t, stop_last_trials=False)
+        scheduler = ASHAScheduler(grace_period=settings.grace_period, reduction_factor=settings.reduction_factor,
+                                  max_t=settings.max_t, stop_last_trials=False)
     trainable = tune.with_resources(
         tune.with_parameters(_train_driver, base_config=base_config, experiment_uri=experiment_uri,
                              metric=settings.metric, mode=settings.mode),
@@ -226,11 +202,9 @@ def run_search(space: SearchSpace | str | os.PathLike, base_config: dict[str, An
              space.source, ", ".join(space.searched_keys), settings.num_samples, max_concurrent, experiment_uri)
     results = tuner.fit()
 
-    trials = [_trial_record(result, space) for result in results]
-    stopped = scheduler.stopped_early if scheduler is not None else set()
-    best = summarise(trials, settings=settings, base_config=base_config, stopped_early=stopped,
-                     searched_keys=space.searched_keys, storage_root=storage_root, experiment_uri=experiment_uri,
-                     retries=retries.retries)
+    trials = [trial_record(result, space) for result in results]
+    best = summarise(trials, settings=settings, base_config=base_config, searched_keys=space.searched_keys,
+                     storage_root=storage_root, experiment_uri=experiment_uri, retries=retries.retries)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "best.json").write_text(json.dumps(best, indent=2) + "\n")
@@ -266,11 +240,6 @@ def _storage(uri: str):
     return None, uri
 
 
-def _checkpoint_uri(path: str, storage_root: str) -> str:
-    """Ray reports checkpoint paths inside its filesystem: `bucket/key` on S3."""
-    return f"s3://{path}" if uri_lib.is_s3(storage_root) and not uri_lib.is_s3(path) else path
-
-
 # ---------------------------------------------------------------------------------------------------------
 # resources
 
@@ -299,112 +268,3 @@ def concurrent_trials(settings: TuneSettings, per_trial: float, cluster_cpus: fl
         log.warning("tune: max_concurrent_trials=%d trials of %g CPUs leave no CPU for the data pipeline on "
                     "%g CPUs (%d would)", settings.max_concurrent_trials, per_trial, cluster_cpus, room)
     return settings.max_concurrent_trials
-
-
-# ---------------------------------------------------------------------------------------------------------
-# results -> best.json
-
-
-@dataclass
-class TrialRecord:
-    trial_id: str
-    sampled: dict[str, Any]
-    reports: list[dict[str, Any]]  # every report of the trial, oldest first
-    error: str | None = None  # first line of the trial's error, if it failed
-
-
-def _trial_record(result, space: SearchSpace) -> TrialRecord:
-    frame = result.metrics_dataframe
-    reports = [] if frame is None else frame.to_dict("records")
-    config = result.config or {}
-    trial_id = (result.metrics or {}).get("trial_id") or Path(str(result.path)).name
-    return TrialRecord(
-        trial_id=str(trial_id),
-        sampled={key: plain(config[key]) for key in space.searched_keys if key in config},
-        reports=reports,
-        error=None if result.error is None else f"{type(result.error).__name__}: {result.error}".splitlines()[0],
-    )
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _best_report(reports: Iterable[dict[str, Any]], metric: str, mode: str,
-                 accept=lambda report: True) -> dict[str, Any] | None:
-    candidates = [r for r in reports if _finite(r.get(metric)) and accept(r)]
-    if not candidates:
-        return None
-    pick = min if mode == "min" else max
-    return pick(candidates, key=lambda r: r[metric])
-
-
-def summarise(trials: list[TrialRecord], *, settings: TuneSettings, base_config: Mapping[str, Any],
-              stopped_early: set[str], searched_keys: list[str], storage_root: str,
-              experiment_uri: str, retries: Mapping[str, int] | None = None) -> dict[str, Any]:
-    """best.json: the trial with the best `metric` in any of its reports, and its best surviving checkpoint;
-    `retries` (trial id -> Tune's restarts of it) gives `trials_retried`, `trial_retries` and each trial's."""
-    retries = retries or {}
-    metric, mode = settings.metric, settings.mode
-    best_by_trial = {t.trial_id: _best_report(t.reports, metric, mode) for t in trials}
-    ranked = [t for t in trials if best_by_trial[t.trial_id] is not None]
-    if not ranked:
-        errors = "; ".join(f"{t.trial_id}: {t.error}" for t in trials if t.error) or "no trial reported it"
-        raise RuntimeError(f"tune: no trial reported a finite {metric} ({errors})")
-    sign = 1.0 if mode == "min" else -1.0
-    best = min(ranked, key=lambda t: sign * best_by_trial[t.trial_id][metric])
-    best_report = best_by_trial[best.trial_id]
-
-    # Train keeps only the last `train.keep_checkpoints`: take the best checkpoint that still exists.
-    def checkpoint_alive(report: dict[str, Any]) -> bool:
-        path = report.get(CHECKPOINT_PATH_KEY)
-        return isinstance(path, str) and bool(path) and uri_lib.exists(_checkpoint_uri(path, storage_root))
-
-    checkpoint_report = _best_report(best.reports, metric, mode, accept=checkpoint_alive)
-    return {
-        "metric": metric,
-        "mode": mode,
-        "value": float(best_report[metric]),
-        "step": _int_or_none(best_report.get("step")),
-        "config": {"sampled": best.sampled, "full": _public(apply_values(base_config, best.sampled))},
-        "checkpoint": None if checkpoint_report is None
-        else _checkpoint_uri(checkpoint_report[CHECKPOINT_PATH_KEY], storage_root),
-        "checkpoint_value": None if checkpoint_report is None else float(checkpoint_report[metric]),
-        "trial_id": best.trial_id,
-        "trials": len(trials),
-        "trials_stopped_early": sum(t.trial_id in stopped_early for t in trials),
-        "trials_failed": sum(t.error is not None for t in trials),
-        "trials_retried": sum(retries.get(t.trial_id, 0) > 0 for t in trials),
-        "trial_retries": sum(retries.get(t.trial_id, 0) for t in trials),
-        "storage_path": storage_root,
-        "experiment_path": experiment_uri,
-        "searched_keys": searched_keys,
-        "scheduler": {"name": settings.scheduler, "grace_period": settings.grace_period,
-                      "reduction_factor": settings.reduction_factor, "max_t": settings.max_t},
-        "search_alg": settings.search_alg,
-        "all_trials": [_trial_summary(t, best_by_trial[t.trial_id], metric, t.trial_id in stopped_early,
-                                      retries.get(t.trial_id, 0)) for t in trials],
-    }
-
-
-def _trial_summary(trial: TrialRecord, best_report: dict[str, Any] | None, metric: str,
-                   stopped_early: bool, retries: int) -> dict[str, Any]:
-    last = trial.reports[-1] if trial.reports else {}
-    return {
-        "trial_id": trial.trial_id,
-        "sampled": trial.sampled,
-        "best": None if best_report is None else float(best_report[metric]),
-        "reports": len(trial.reports),
-        "last_step": _int_or_none(last.get("step")),
-        "stopped_early": stopped_early,
-        "retries": retries,
-        "error": trial.error,
-    }
-
-
-def _int_or_none(value: Any) -> int | None:
-    return int(value) if _finite(value) else None
-
-
-def _public(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in config.items() if not key.startswith("_")}

@@ -1,0 +1,158 @@
+"""The one reader of window shard folders: manifests -> shard paths -> Arrow tables or a Ray Dataset.
+
+    filesystem, paths = shard_paths(["s3://p2es/bidmc"])                    # what the manifests list
+    table = read_table(uris, ["window_id", "ecg"], split="test", subset=500)  # pyarrow, in this process
+    for table in iter_tables(uris, columns, split="train", limit=1000): ...   # pyarrow, streamed
+    dataset = read_windows(uris, columns, split="train")                     # Ray Data, for training
+
+Shards are found through each folder's `manifest.json`, never by listing the folder, so a shard of an
+interrupted ingest is never read. The split is a filter pushed down into the Parquet scan. Rows come in
+shard order (manifest order, then row order within a shard). `option` names the setting the user gave
+the folders with (`data.uris` in configs, `--data` on command lines), so errors point at it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from p2es_dist.errors import UserError
+from p2es_dist.storage import uri as uri_lib
+
+Split = str | Sequence[str] | None  # one split, several, or None / "all" for every row
+
+
+def manifest_bytes(folder: str, *, option: str = "data.uris") -> bytes:
+    """The raw `manifest.json` of a shard folder (its bytes identify the data, e.g. for cache keys)."""
+    manifest_uri = uri_lib.join(folder, "manifest.json")
+    if not uri_lib.exists(manifest_uri):
+        raise UserError(f"{option}: {folder} has no manifest.json (not an ingest output, or unfinished)")
+    return uri_lib.read_bytes(manifest_uri)
+
+
+def read_manifest(folder: str, *, option: str = "data.uris") -> dict:
+    return json.loads(manifest_bytes(folder, option=option))
+
+
+def shard_paths(uris: Sequence[str], *, option: str = "data.uris") -> tuple[pa.fs.FileSystem, list[str]]:
+    """The pyarrow filesystem and every shard path listed by the manifests under `uris`."""
+    if not uris:
+        raise UserError(f"{option}: expected at least one shard folder (the --output of `p2es ingest`)")
+    if len({uri_lib.is_s3(u) for u in uris}) > 1:
+        raise UserError(f"{option}: mix local folders and s3:// in separate runs, got {list(uris)}")
+    filesystem, paths = None, []
+    for folder in uris:
+        for shard in read_manifest(folder, option=option)["shards"]:
+            fs, path = uri_lib.pyarrow_filesystem(uri_lib.join(folder, shard["path"]))
+            filesystem = filesystem or fs
+            paths.append(path)
+    if not paths:
+        raise UserError(f"{option}: the manifests under {list(uris)} list no shards")
+    return filesystem, paths
+
+
+def calibration_available(uris: Sequence[str]) -> bool:
+    """Whether every shard folder under `uris` carries beat timing and calibration (shard schema >= 2)."""
+    manifests = [uri_lib.join(u, "manifest.json") for u in uris]
+    if not manifests or not all(uri_lib.exists(m) for m in manifests):
+        return False  # `shard_paths` names the folder without a manifest
+    versions = [json.loads(uri_lib.read_text(m)).get("schema_version", 1) for m in manifests]
+    return min(versions) >= 2
+
+
+def _splits(split: Split) -> list[str] | None:
+    if split is None or split == "all":
+        return None
+    return [split] if isinstance(split, str) else list(split)
+
+
+def split_filter(split: Split) -> ds.Expression | None:
+    """The pyarrow row filter of `split` (None: every row)."""
+    splits = _splits(split)
+    if splits is None:
+        return None
+    return ds.field("split") == splits[0] if len(splits) == 1 else ds.field("split").isin(splits)
+
+
+def _both(a: ds.Expression | None, b: ds.Expression | None) -> ds.Expression | None:
+    return b if a is None else a if b is None else a & b
+
+
+def subset_key(window_id: str) -> bytes:
+    return hashlib.blake2b(window_id.encode(), digest_size=8).digest()
+
+
+def read_table(uris: Sequence[str], columns: Sequence[str] | None, *, split: Split = None,
+               where: ds.Expression | None = None, subset: int | None = None, optional: Sequence[str] = (),
+               option: str = "data.uris") -> pa.Table:
+    """`columns` (None: all) of the rows of `split` that pass `where`, in shard order, with pyarrow.
+
+    `optional` columns are read besides where the shards have them. With `subset`, only the `subset`
+    windows whose ids hash lowest (blake2b) are kept: a deterministic subset spread over records and
+    subjects (the first N ids would all come from one record), and stable when windows are added (a
+    larger N keeps every window of a smaller one).
+    """
+    filesystem, paths = shard_paths(uris, option=option)
+    row_filter = _both(split_filter(split), where)
+    with uri_lib.storage_errors(",".join(uris)):
+        dataset = ds.dataset(paths, filesystem=filesystem, format="parquet")
+        if columns is not None:
+            columns = list(columns) + [c for c in optional if c in dataset.schema.names and c not in columns]
+        if subset is not None:
+            ids = dataset.to_table(columns=["window_id"], filter=row_filter).column("window_id").to_pylist()
+            if subset < len(ids):
+                chosen = pa.array(sorted(ids, key=subset_key)[:subset], pa.string())
+                row_filter = _both(row_filter, ds.field("window_id").isin(chosen))
+        return dataset.to_table(columns=columns, filter=row_filter)
+
+
+def iter_tables(uris: Sequence[str], columns: Sequence[str], *, split: Split = None, limit: int | None = None,
+                batch_size: int = 64, option: str = "data.uris") -> Iterator[pa.Table]:
+    """The first `limit` rows of `split` (all without a limit) in shard order, streamed as tables of
+    `batch_size` rows (the last one shorter); only a batch's worth is held in memory."""
+    filesystem, paths = shard_paths(uris, option=option)
+    left = math.inf if limit is None else limit
+    pending: list[pa.RecordBatch] = []
+    with uri_lib.storage_errors(",".join(uris)):
+        dataset = ds.dataset(paths, filesystem=filesystem, format="parquet")
+        scan = dataset.to_batches(columns=list(columns), filter=split_filter(split), batch_size=batch_size)
+        for record_batch in scan:
+            pending.append(record_batch.slice(0, int(min(left, record_batch.num_rows))))
+            left -= pending[-1].num_rows
+            table = pa.Table.from_batches(pending)
+            whole = len(table) // batch_size * batch_size
+            for start in range(0, whole, batch_size):
+                yield table.slice(start, batch_size).combine_chunks()
+            pending = table.slice(whole).to_batches()
+            if left <= 0:
+                break
+        if pending and sum(b.num_rows for b in pending):
+            yield pa.Table.from_batches(pending).combine_chunks()
+
+
+def read_windows(uris: Sequence[str], columns: Sequence[str], *, split: Split = None, min_quality: float = 0.0,
+                 include_paths: bool = False, option: str = "data.uris"):
+    """Shard rows as a Ray Dataset, filtered to a split (pushed down into the Parquet scan). `include_paths`
+    adds each row's shard as `path`, for errors that name it."""
+    import ray.data
+    from ray.data.expressions import col, lit
+
+    filesystem, paths = shard_paths(uris, option=option)
+    columns = list(columns) + (["path"] if include_paths else [])
+    dataset = ray.data.read_parquet(paths, filesystem=filesystem, include_paths=include_paths)
+    dataset = dataset.select_columns(columns)
+    splits = _splits(split)
+    if splits is not None:
+        wanted = None
+        for name in splits:
+            match = col("split") == lit(name)
+            wanted = match if wanted is None else wanted | match
+        dataset = dataset.filter(expr=wanted)
+    if min_quality > 0:
+        dataset = dataset.filter(expr=col("quality") >= lit(min_quality))
+    return dataset
