@@ -3,6 +3,7 @@
 import gzip
 import json
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -118,8 +119,14 @@ def test_interrupted_ingest_resumes_and_matches_a_clean_run(ray_local, tmp_path)
     assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in clean["shards"]]
     # A finished ingest is not redone; a different config refuses to mix into the same folder.
     assert run_ingest("bidmc", str(root), partial, config)["fingerprint"] == resumed["fingerprint"]
+    other = {**config, "preprocess": {"hop": 256}}
     with pytest.raises(UserError, match="other settings"):
-        run_ingest("bidmc", str(root), partial, {**config, "preprocess": {"hop": 256}})
+        run_ingest("bidmc", str(root), partial, other)
+    # An output a command owns (quickstart's demo bucket) is redone with the new settings instead.
+    redone = run_ingest("bidmc", str(root), partial, other, replace_other_settings=True)
+    assert redone["fingerprint"] != resumed["fingerprint"] and redone["n_windows"] != resumed["n_windows"]
+    shard_files = {p.name for p in (tmp_path / "partial").rglob("*.parquet")}
+    assert shard_files == {Path(s["path"]).name for s in redone["shards"]}  # the old shards are gone
 
 
 @pytest.mark.s3

@@ -237,6 +237,16 @@ def check_output(plan: IngestPlan) -> dict | None:
     return None
 
 
+def _remove_if_other_settings(plan: IngestPlan) -> None:
+    manifest_uri = uri_lib.join(plan.output_uri, "manifest.json")
+    if not uri_lib.exists(manifest_uri):
+        return
+    if json.loads(uri_lib.read_text(manifest_uri)).get("fingerprint") != plan.fingerprint:
+        log.warning("%s was ingested with other settings (an older version?): deleting it and ingesting again",
+                    plan.output_uri)
+        uri_lib.rm(plan.output_uri, recursive=True)
+
+
 def input_changes(plan: IngestPlan) -> dict[str, list[str]]:
     """Records added, removed and changed since the last run into this output (interrupted or not); the
     current input set becomes the one the next run compares with."""
@@ -302,8 +312,12 @@ def write_manifest(plan: IngestPlan, config: dict[str, Any]) -> dict:
     return manifest
 
 
-def run_ingest(source: str, input_uri: str | None, output_uri: str, config: dict[str, Any]) -> dict:
-    """Plan, run the pending tasks on Ray with a progress bar, then write quarantine.jsonl and the manifest."""
+def run_ingest(source: str, input_uri: str | None, output_uri: str, config: dict[str, Any], *,
+               replace_other_settings: bool = False) -> dict:
+    """Plan, run the pending tasks on Ray with a progress bar, then write quarantine.jsonl and the manifest.
+
+    `replace_other_settings`: an output made with other settings is deleted and ingested again instead of
+    refused (for outputs a command owns, such as quickstart's demo bucket after an upgrade)."""
     import ray
     from tqdm.auto import tqdm
 
@@ -313,6 +327,8 @@ def run_ingest(source: str, input_uri: str | None, output_uri: str, config: dict
     for duplicate in plan.duplicates:
         log.warning("duplicate recording: %s has the same content as %s (under %s); ingested once, as %s",
                     duplicate["record"], duplicate["same_as"], plan.input_uri, duplicate["same_as"])
+    if replace_other_settings:
+        _remove_if_other_settings(plan)
     existing = check_output(plan)
     changes = input_changes(plan) if plan.records else {}
     if any(changes.values()):
