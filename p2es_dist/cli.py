@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from p2es_dist.errors import UserError
+from p2es_dist.errors import UserError, root_cause
 
 LOG_DIR_ENV = "P2ES_LOG_DIR"
 
@@ -36,21 +36,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("p2es_dist.bench.cli", "data|synth|train|infer measurements, one JSON line each"),
     "quickstart": ("p2es_dist.jobs.quickstart", "the whole pipeline, small, on the embedded defaults"),
 }
-
-
-def root_cause(error: BaseException) -> BaseException:
-    """The error under Ray's wrappers: a task's exception (RayTaskError), a Train controller's failure
-    (ControllerError), the lowest failing rank's error (WorkerGroupError), a worker's own exception."""
-    current, seen = error, set()
-    while type(current).__module__.startswith("ray.") and id(current) not in seen:
-        seen.add(id(current))
-        workers = getattr(current, "worker_failures", None)
-        inner = ((workers[min(workers)] if workers else None) or getattr(current, "controller_failure", None)
-                 or getattr(current, "_base_exc", None) or getattr(current, "cause", None) or current.__cause__)
-        if inner is None:
-            break
-        current = inner
-    return current
 
 
 def one_line(error: BaseException) -> str:

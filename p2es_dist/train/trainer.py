@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from p2es_dist.errors import UserError
+from p2es_dist.errors import UserError, root_cause
 from p2es_dist.storage import uri as uri_lib
 from p2es_dist.train.config import SELECTION_METRIC, SELECTION_MODE, JobConfig, parse_job_config
 
@@ -197,20 +197,6 @@ def _nested_errors(error: BaseException) -> Iterator[BaseException]:
         stack.append(current.__cause__)
 
 
-def failure_cause(error: BaseException) -> BaseException:
-    """The error Ray wrapped: a controller's failure, the lowest failing rank's error, a task's exception."""
-    current, seen = error, set()
-    while type(current).__module__.startswith("ray.") and id(current) not in seen:
-        seen.add(id(current))
-        workers = getattr(current, "worker_failures", None)
-        inner = ((workers[min(workers)] if workers else None) or getattr(current, "controller_failure", None)
-                 or getattr(current, "_base_exc", None) or getattr(current, "cause", None) or current.__cause__)
-        if inner is None:
-            break
-        current = inner
-    return current
-
-
 def fit_with_storage_retries(fit: Callable[[], Any], job: JobConfig, name: str, *,
                              sleep: Callable[[float], None] = time.sleep) -> Any:
     """`fit()`, fitted again (resuming from the latest checkpoint) after a transient storage failure.
@@ -230,7 +216,7 @@ def fit_with_storage_retries(fit: Callable[[], Any], job: JobConfig, name: str, 
                 print(f"resuming run {name} from step {step}", file=sys.stderr)
             return fit()
         except Exception as exc:  # sorted below: retried, re-raised, or made a one-line UserError
-            cause = failure_cause(exc)
+            cause = root_cause(exc)
             transient = any(uri_lib.is_transient(e) for e in _nested_errors(exc))
             if transient and retry < job.train.storage_retries:
                 delay = job.train.storage_retry_delay_s * 2**retry
