@@ -322,15 +322,15 @@ def test_smoke_search_end_to_end(smoke_shards, tmp_path, capsys):
     assert merged["model"]["dilation_depth"] == sampled[lowest[1]]["model.dilation_depth"]
     assert merged["data"]["uris"] == [smoke_shards]
 
-    # ASHA: a trial at its first validation worse than the median of those before it there is stopped, so
-    # the bad learning rate's trials are (the first trial always runs to the end). The summary sees that only
-    # in the results: the trials stopped early are those that reported fewer than max_t times.
+    # ASHA stops a trial whose first validation is worse than the median of those before it there. Which
+    # trials that is depends on timing (a 1.0 learning rate was not always worse after 10 steps), so this
+    # checks only that the summary's early stops are exactly what the results show: the trials that
+    # reported fewer than max_t times (the counting rules: test_stopped_early_is_read_from_the_reports).
     full = len(values[order[0]])
     assert full == settings.max_t == 2  # smoke.yaml: max_steps 20, eval_every 10
     short = {tid for tid, vs in values.items() if len(vs) < settings.max_t}
     stopped = {t["trial_id"] for t in best["all_trials"] if t["stopped_early"]}
-    assert stopped == short and best["trials_stopped_early"] == len(short) >= 1, values
-    assert all(sampled[tid]["train.lr"] == BAD_LR for tid in stopped), values
+    assert stopped == short and best["trials_stopped_early"] == len(short), values
     assert all(len(values[tid]) == full for tid in values if tid not in stopped)
 
     # The checkpoint is the best trial's, from its Ray Train run in the experiment folder.
