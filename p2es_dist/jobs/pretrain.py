@@ -4,7 +4,7 @@
     ray job submit --working-dir . -- python -m p2es_dist.jobs.pretrain --config pretrain_tiny \
         --set model.size=small --set train.storage_path=s3://bucket/runs --out out/pretrain
 
-The same training loop as `p2es train` (checkpoints, resume with a fixed `train.run_name`, fault
+The same training loop as `p2es train` (checkpoints, resume by re-running the same command, fault
 tolerance, `result.json`); the config's model must be the `encoder`. The `--out` folder (or its
 result.json) is what `ppg_encoder_checkpoint`, `p2es evaluate --encoder` and `--probe` read.
 """
