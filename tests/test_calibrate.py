@@ -84,7 +84,7 @@ def test_translate_with_calibration_places_the_patients_qrs(a103l: Path, profile
 
 
 def test_profile_from_another_record_is_scored_on_the_whole_input(profile_path: Path, tmp_path: Path):
-    from p2es_dist.translate.run import calibration_end_s
+    from p2es_dist.translate.recorded import calibration_end_s
 
     profile = CalibrationProfile.load(profile_path)
     assert calibration_end_s(profile, str(tmp_path / "other")) is None

@@ -144,7 +144,7 @@ def _compare_strips(record: Path, out: Path, *, start_s: float, seconds: float =
 
     from p2es_dist.constants import FS, LEAD_INDEX
     from p2es_dist.evaluate.figures import plot_rhythm_strips
-    from p2es_dist.translate.run import recorded_leads
+    from p2es_dist.translate.recorded import recorded_leads
 
     span = slice(int(start_s * FS), int((start_s + seconds) * FS))
     recorded = recorded_leads(str(record))

