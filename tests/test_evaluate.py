@@ -140,14 +140,21 @@ def test_end_to_end_model_baseline_classifier(setup, capsys):
         assert section["timing"]["windows_per_s"] > 0
     assert doc["spaces"]["window"]["overall"]["mse"] != base["spaces"]["window"]["overall"]["mse"]
     assert base["spaces"]["window"]["overall"]["pearson"] is not None  # a fitted DCT is not constant
-    assert doc["fd"] is None and "encoder" in doc["fd_info"]["note"]
-    # Diagnostic: 7 labelled test windows (one unknown), NORM and MI have positives; recorded vs generated.
-    assert doc["diagnostic_info"]["n_labelled"] == n_test - 1 and doc["diagnostic_info"]["threshold"] == 0.5
+    # No --encoder: fd on the classifier's pooled features, and said so.
+    assert doc["fd"] is not None and doc["fd"] >= 0 and doc["fd_features"] == "classifier"
+    assert doc["fd_info"]["dim"] == 2 * 16
+    # Diagnostic: 7 labelled test windows (one unknown), NORM and MI have positives; recorded, generated and
+    # input-only (a PPG model: nothing unmasked, the chance floor). The classifier has no thresholds.json:
+    # threshold-free figures only.
+    assert doc["diagnostic_info"]["n_labelled"] == n_test - 1
+    assert doc["diagnostic_info"]["threshold"]["source"] is None
     assert set(doc["diagnostic"]["recorded"]) == set(doc["diagnostic"]["generated"]) == {"NORM", "MI"}
     assert doc["diagnostic"]["recorded"]["MI"]["n"] == n_test - 1
+    assert doc["diagnostic"]["input_only"]["MI"]["auroc"] == 0.5 and doc["diagnostic"]["generated"]["MI"]["f1"] is None
     assert set(doc["breakdown"]["sex"]) and doc["worst_subjects"][0]["mse"] >= doc["worst_subjects"][-1]["mse"]
     report = (out / "report.md").read_text()
     assert "dct" in report and "What fd is" in report and "Diagnostic value" in report
+    assert "input-only" in report and "No validation thresholds" in report
     for name in ("window_best", "window_median", "window_worst", "per_lead_window", "hr_bland_altman", "models"):
         png = out / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

@@ -39,7 +39,7 @@ SHIPPED = [
     "models/p2es.yaml", "models/p2es_small.yaml", "models/unet.yaml", "models/li2021.yaml",
     "models/li2021_recursive.yaml", "models/student.yaml",
     "p2es_bidmc.yaml", "p2es_lead2.yaml", "p2es_foundation.yaml", "unet_bidmc.yaml", "li2021_bidmc.yaml",
-    "distill.yaml", "smoke.yaml",
+    "p2es_anysubset.yaml", "unet_anysubset.yaml", "distill.yaml", "smoke.yaml",
 ]
 STATED = re.compile(r"PPG receptive field[^\n]*?\+-\s*(\d+)")
 

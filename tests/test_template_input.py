@@ -172,16 +172,13 @@ def test_a_window_whose_only_recorded_lead_is_given_adds_no_loss(name: str) -> N
     assert model.loss({key: value[:1] for key, value in batch.items()})[1][main].item() > 0
 
 
-def test_student_takes_the_template_beside_ppg_but_does_not_export_it_yet(tmp_path) -> None:
-    from p2es_dist.export.onnx_io import export_onnx
-
+def test_student_takes_the_template_beside_ppg() -> None:
+    """(Its ONNX / TorchScript export takes the template too: tests/test_student_template_export.py.)"""
     model = randomise_zero_init(build("student", use_template=True)).eval()
     batch = batch_with_templates()
     masked = torch.where(batch["template_mask"][:, :, None], batch["template"], torch.zeros_like(batch["template"]))
-    # The mask-free path (what an app would call): absent leads are the all-zero ones.
+    # The mask-free path: absent leads are the all-zero ones.
     torch.testing.assert_close(model.forward_ppg(batch["ppg"], masked), model.generate(batch))
-    with pytest.raises(NotImplementedError, match="template"):
-        export_onnx(model, tmp_path / "model.onnx")
 
 
 @pytest.mark.parametrize("section", [

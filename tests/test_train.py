@@ -14,7 +14,8 @@ from p2es_dist.errors import ConfigError
 from p2es_dist.train.config import TrainSection, parse_job_config
 from p2es_dist.train.engine import lr_scheduler
 
-SHIPPED = ["smoke", "p2es_bidmc", "unet_bidmc", "dct_bidmc", "li2021_bidmc", "p2es_lead2", "classifier"]
+SHIPPED = ["smoke", "p2es_bidmc", "unet_bidmc", "dct_bidmc", "li2021_bidmc", "p2es_lead2", "p2es_anysubset",
+           "unet_anysubset", "classifier"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -109,3 +110,24 @@ def test_killed_worker_resumes_from_its_checkpoint(smoke_shards, tmp_path):
     assert set(state) == set(model.state_dict())
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
     model.load_state_dict(state)
+
+
+def test_config_is_parsed_once_typed_and_handed_to_the_workers(monkeypatch):
+    """The model section is typed by the registry without building a model, and the trainer hands the
+    driver's JobConfig to the workers instead of a dict they would parse again."""
+    from p2es_dist.models import registry
+    from p2es_dist.models.unet import UNetConfig
+    from p2es_dist.train import trainer
+
+    built = []
+    monkeypatch.setattr(registry, "build_model", lambda *a, **k: built.append(a))
+    job = parse_job_config(load_config("unet_bidmc", ["model.use_template=false"]))
+    assert built == [] and isinstance(job.model.config, UNetConfig) and job.model.name == "unet"
+    assert job.model["name"] == "unet" and {**job.model}["kernel_size"] == job.model.config.kernel_size
+    assert parse_job_config(job) is job
+
+    parses = []
+    monkeypatch.setattr(registry, "parse_model", lambda section: parses.append(section) or section)
+    monkeypatch.setattr("p2es_dist.data.loader.training_datasets", lambda data: {})
+    built_trainer = trainer.build_torch_trainer(job, name="once")
+    assert parses == [] and built_trainer.train_loop_config["job"] is job

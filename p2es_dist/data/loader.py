@@ -8,11 +8,28 @@
 Shards are read by `data/read.py` (through each folder's manifest, the split filter pushed down into the
 Parquet scan). Conversion to model space (and augmentation, for training) runs in Ray Data's parallel
 `map_batches` on whole Arrow blocks, so no per-row Python touches the signals.
+
+Lead conditioning. `condition_leads: [II]` gives every window the same recorded leads as input;
+`condition_subsets` trains one model for any subset: each window (train and val alike) gets one of
+
+    condition_subsets:
+      - [II]            # these leads
+      - [I, II]         # (also written "I,II")
+      - [II, V1, V5]
+      - single          # any one recorded lead
+      - limb_pair       # any two recorded limb leads (I, II, III, aVR, aVL, aVF)
+      - none            # no lead: the PPG alone (where the window has one)
+
+drawn by `draw_condition_leads` from a seed of its window id, so the same window gets the same subset
+however Ray Data groups rows (and in every epoch, as its augmentation), and validation is reproducible.
+A window draws only among the entries it can take: every lead of the subset recorded, and at least one
+recorded lead left over to be a target.
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,12 +37,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from p2es_dist.constants import LEADS
+from p2es_dist.constants import LEAD_INDEX, LEADS, N_LEADS
 from p2es_dist.data.augment import AugmentConfig, augment_batch
 from p2es_dist.data.batches import table_to_batch
 from p2es_dist.data.read import calibration_available, read_windows
 from p2es_dist.data.schema import CALIBRATION_COLUMNS
-from p2es_dist.errors import UserError
+from p2es_dist.errors import ConfigError, UserError
 
 TRANSPORT_FLOAT16 = ("ecg", "ppg", "template")
 
@@ -46,8 +63,105 @@ class LoaderConfig:
     block_rows: int | None = None  # rows per conversion call; None: whole blocks, which lets Ray fuse it into the read
     prefetch_batches: int = 4
     condition_leads: list[str] = field(default_factory=list)  # recorded leads given as input, e.g. [II]
+    # One model, any subset: each window gets one of these (see the module docstring); not with condition_leads.
+    condition_subsets: list[list[str] | str] = field(default_factory=list)
     teacher_ecg: bool = False  # shards carry a `teacher_ecg` column (distillation) that batches pass on
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.condition_leads and self.condition_subsets:
+            raise ConfigError("data.condition_leads and data.condition_subsets: set one (a fixed subset for "
+                              "every window, or subsets drawn per window), not both")
+        parse_condition_subsets(self.condition_subsets)
+
+    @property
+    def conditions(self) -> bool:
+        """Whether batches carry `cond_leads`."""
+        return bool(self.condition_leads or self.condition_subsets)
+
+
+SubsetSpec = tuple[str, ...] | str  # leads in LEADS order, or one of CONDITION_KEYWORDS
+CONDITION_KEYWORDS = ("single", "limb_pair", "none")
+
+
+def parse_condition_subsets(entries: list[list[str] | str]) -> list[SubsetSpec]:
+    """`data.condition_subsets` checked and normalised (leads deduplicated, in `LEADS` order)."""
+    specs: list[SubsetSpec] = []
+    for i, entry in enumerate(entries):
+        where = f"data.condition_subsets[{i}]"
+        if isinstance(entry, str) and entry.strip() in CONDITION_KEYWORDS:
+            specs.append(entry.strip())
+            continue
+        leads = [lead.strip() for lead in (entry.split(",") if isinstance(entry, str) else entry)]
+        leads = [lead for lead in leads if lead]
+        unknown = [lead for lead in leads if lead not in LEAD_INDEX]
+        if not leads or unknown:
+            raise ConfigError(f"{where}: expected a list of leads (some of {', '.join(LEADS)}) or one of "
+                              f"{', '.join(CONDITION_KEYWORDS)}; got {entry!r}")
+        if len(set(leads)) == N_LEADS:
+            raise ConfigError(f"{where}: all 12 leads leave nothing to generate")
+        specs.append(tuple(sorted(set(leads), key=LEAD_INDEX.__getitem__)))
+    return specs
+
+
+# Lead sets as bit masks (bit i: LEADS[i]): a window's draw is a few integer operations, not numpy calls.
+_LIMB_BITS = 0b111111  # I, II, III, aVR, aVL, aVF
+
+
+def _bits(leads: tuple[str, ...]) -> int:
+    return sum(1 << LEAD_INDEX[lead] for lead in leads)
+
+
+def _members(bits: int) -> list[int]:
+    return [i for i in range(N_LEADS) if bits >> i & 1]
+
+
+def _fits(spec: SubsetSpec, recorded: int) -> bool:
+    """Whether a window with these recorded leads can take `spec` and keep a lead to be a target."""
+    count = recorded.bit_count()
+    if spec == "none":
+        return True
+    if spec == "single":
+        return count >= 2
+    if spec == "limb_pair":
+        return (recorded & _LIMB_BITS).bit_count() >= 2 and count >= 3
+    wanted = _bits(spec)
+    return recorded & wanted == wanted and count > wanted.bit_count()
+
+
+def _realise(spec: SubsetSpec, recorded: int, rng: random.Random) -> int:
+    if spec == "single":
+        return 1 << rng.choice(_members(recorded))
+    if spec == "limb_pair":
+        return sum(1 << i for i in rng.sample(_members(recorded & _LIMB_BITS), 2))
+    return 0 if spec == "none" else _bits(spec)
+
+
+def draw_condition_leads(window_ids: list[str], recorded: np.ndarray, subsets: list[SubsetSpec],
+                         seed: int) -> np.ndarray:
+    """(n, 12) bool: the leads each window gets as input, one of `subsets` per window.
+
+    The draw depends on the window's id, its recorded leads and `seed` only (not on its neighbours in a
+    block). It is uniform over the entries the window can take (`_fits`: leads recorded, one recorded lead
+    left as a target). When it can take none, it falls back to the recorded part of a fixed subset that
+    still leaves a target, else to one recorded lead, else (one recorded lead or none) to no lead at all.
+    """
+    rows = (np.asarray(recorded, dtype=np.int64) << np.arange(N_LEADS)).sum(axis=1).tolist()
+    fixed = [_bits(spec) for spec in subsets if spec not in CONDITION_KEYWORDS]
+    chosen = []
+    # Salted apart from the augmentation's seeds of the same windows.
+    for bits, window_seed in zip(rows, window_seeds([f"condition:{w}" for w in window_ids], seed), strict=True):
+        rng = random.Random(window_seed)
+        fitting = [spec for spec in subsets if _fits(spec, bits)]
+        if fitting:
+            chosen.append(_realise(fitting[rng.randrange(len(fitting))], bits, rng))
+            continue
+        parts = [part for part in (wanted & bits for wanted in fixed) if 0 < part.bit_count() < bits.bit_count()]
+        if parts:
+            chosen.append(parts[rng.randrange(len(parts))])
+        else:
+            chosen.append(_realise("single", bits, rng) if bits.bit_count() >= 2 else 0)
+    return (np.asarray(chosen, dtype=np.int64).reshape(-1, 1) >> np.arange(N_LEADS)) & 1 == 1
 
 
 def window_seeds(window_ids: list[str], seed: int) -> list[int]:
@@ -57,8 +171,12 @@ def window_seeds(window_ids: list[str], seed: int) -> list[int]:
 
 
 def convert_block(table: pa.Table, *, augment: AugmentConfig | None = None, seed: int = 0,
-                  condition_leads: list[str] | None = None) -> dict[str, np.ndarray]:
+                  condition_leads: list[str] | None = None,
+                  condition_subsets: list[SubsetSpec] | None = None) -> dict[str, np.ndarray]:
     """Arrow rows -> model-space numpy batch (optionally augmented). Runs inside `map_batches`.
+
+    `condition_leads`: the same input leads for every window; `condition_subsets` (normalised by
+    `parse_condition_subsets`): one drawn per window (`draw_condition_leads`). Either sets `cond_leads`.
 
     Signals leave as float16, the precision the shards store them in: half the bytes through Ray's
     object store. `torch_batches` widens them to float32 on the consumer.
@@ -76,6 +194,9 @@ def convert_block(table: pa.Table, *, augment: AugmentConfig | None = None, seed
     if condition_leads:
         chosen = np.isin(np.array(LEADS), condition_leads)
         batch["cond_leads"] = batch["ecg_mask"] & chosen[None, :]
+    elif condition_subsets:
+        window_ids = table.column("window_id").to_pylist()
+        batch["cond_leads"] = draw_condition_leads(window_ids, batch["ecg_mask"], condition_subsets, seed)
     return batch
 
 
@@ -98,7 +219,8 @@ def model_space_dataset(config: LoaderConfig, *, split: str, training: bool):
         batch_format="pyarrow",
         batch_size=config.block_rows,
         fn_kwargs={"augment": config.augment if training else None, "seed": config.seed,
-                   "condition_leads": config.condition_leads},
+                   "condition_leads": config.condition_leads,
+                   "condition_subsets": parse_condition_subsets(config.condition_subsets)},
     )
 
 
@@ -120,7 +242,7 @@ def torch_batches(shard, config: LoaderConfig, *, training: bool, epoch: int = 0
                 "age": torch.float32, "sex": torch.int64, "labels": torch.float32, "subject": torch.int64,
                 "scale": torch.float32, "template": torch.float32, "template_mask": torch.bool,
                 "upstrokes": torch.int32, "source": torch.int64,
-                **({"cond_leads": torch.bool} if config.condition_leads else {}),
+                **({"cond_leads": torch.bool} if config.conditions else {}),
                 **({"teacher_ecg": torch.float32} if config.teacher_ecg else {})},
         prefetch_batches=config.prefetch_batches,
         local_shuffle_buffer_size=shuffle,

@@ -77,6 +77,14 @@ def parse_distill_config(config: dict[str, Any]) -> DistillJob:
     model = section(config, "model") or {"name": "student"}
     if model.get("name") != "student":
         raise ConfigError(f"{origin}: model.name: expected 'student' (the distilled model), got {model.get('name')!r}")
+    if model.get("use_template"):
+        # The data already hides templates per window, for teacher and student alike; a student hiding
+        # more on its own would learn zero-shot answers from windows the teacher answered calibrated.
+        dropout = model.get("template_dropout")
+        if dropout not in (None, 0, 0.0):
+            raise ConfigError(f"{origin}: model.template_dropout: must be 0 for distillation (got {dropout!r}); "
+                              "distill.template_dropout hides templates in the teacher outputs instead")
+        model = {**model, "template_dropout": 0.0}
     data = section(config, "data")
     if not data.get("uris"):
         raise ConfigError(f"{origin}: data.uris: expected a list of shard folders (outputs of `p2es ingest`)")

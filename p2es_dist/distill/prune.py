@@ -15,6 +15,13 @@ where ||.||^2 is the mean square over time and n(x) = x / mean(x) puts the four 
 scale (each averages 1 over channels), which is what lambda_w > 0 "balances" in the paper. The best
 (1 - fraction) of channels are kept, at least one from each half of the [C1, C2] concatenation, and
 every tensor is sliced to them; the pruned model is then fine-tuned (the caller's job).
+
+A student built with `use_template` is scored on the inputs it was trained on: each window's template
+as `Student.calibration_template` gives it (the patient's, else the population's at its upstrokes), so
+the scoring batches must carry the distillation's template columns and per-window `template_hidden`
+choice (`teacher_outputs.cached_batches`). Pruning slices only output channels of the first layer, so
+the pruned student keeps every template input channel, its `use_template` and its population; its
+fine-tune reads the same cached shards, hidden templates included.
 """
 
 from __future__ import annotations
@@ -57,9 +64,16 @@ def combine_scores(first_energy: Tensor, fusion_weight: Tensor, fused_energy: Te
     return first + generation
 
 
+def windows_with_ppg(batch: Batch, present: Tensor) -> Batch:
+    """The batch's rows where `present` (every per-window tensor; others, if any, as they are)."""
+    return {key: value[present] if value.ndim and value.shape[0] == len(present) else value
+            for key, value in batch.items()}
+
+
 @torch.no_grad()
 def significance(model: Student, batches: Iterable[Batch]) -> Significance:
-    """Expectations of eq. 11's terms over the windows with PPG in `batches`."""
+    """Expectations of eq. 11's terms over the windows with PPG in `batches` (with their templates, for a
+    student built with `use_template`)."""
     model.eval()
     totals = [torch.zeros(model.config.channels, dtype=torch.float64) for _ in range(4)]
     windows = 0
@@ -67,7 +81,8 @@ def significance(model: Student, batches: Iterable[Batch]) -> Significance:
         present = batch["ppg_mask"].bool()
         if not present.any():
             continue
-        out = model.features(ppg_input(batch)[present, 0])
+        rows = windows_with_ppg(batch, present)
+        out = model.features(ppg_input(rows)[:, 0], model.calibration_template(rows))
         terms = (out.first.square().mean(dim=-1), out.fusion_weights.sum(dim=1),
                  out.fused.square().mean(dim=-1), out.channel_weights)
         for total, term in zip(totals, terms, strict=True):

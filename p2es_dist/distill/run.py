@@ -10,6 +10,9 @@
 4. The pruned student is fine-tuned from those weights for `finetune_steps` (Ray Train again).
 5. The final checkpoint (model.safetensors + model.json with the pruned widths, loadable by
    `load_model`) is exported to ONNX and, optionally, int8 weights, each checked against PyTorch.
+
+Each training stage logs its curves to TensorBoard like any run (`train.tracking`); the distillation as a
+whole (config, final numbers, every artifact's URI) goes beside them, under `<storage_path>/<name>`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ import torch
 
 from p2es_dist.config import to_dict
 from p2es_dist.distill.config import DistillJob, parse_distill_config
-from p2es_dist.distill.teacher_outputs import Compute, ensure_teacher_outputs, infer_with_ray
+from p2es_dist.distill.teacher_outputs import Compute, cached_batches, ensure_teacher_outputs, infer_with_ray
 from p2es_dist.models.base import Batch, count_parameters
 from p2es_dist.models.checkpoint import CHECKPOINT_CONFIG, WEIGHTS, load_model, save_checkpoint
 from p2es_dist.storage import uri as uri_lib
@@ -47,19 +49,6 @@ def stage_config(job: DistillJob, *, model: dict[str, Any], data_uri: str, run_n
     return {"model": model, "data": data, "train": train, "_source": job.source}
 
 
-def scoring_batches(cache_uri: str, *, windows: int, batch_size: int = 64) -> Iterator[Batch]:
-    """Up to `windows` training windows of the cached shards as torch batches (a plain pyarrow read)."""
-    import numpy as np
-
-    from p2es_dist.data.batches import table_to_batch
-    from p2es_dist.data.loader import READ_COLUMNS
-    from p2es_dist.data.read import iter_tables
-
-    for table in iter_tables([cache_uri], READ_COLUMNS, split="train", limit=windows, batch_size=batch_size):
-        batch = table_to_batch(table)
-        yield {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in batch.items()}
-
-
 def export_artifacts(model: torch.nn.Module, folder: str, batch: Batch, *, quantize: bool) -> dict[str, Any]:
     """model.onnx (and model.int8.onnx) in `folder`, with their size and max |difference| to PyTorch."""
     from p2es_dist.export.onnx_io import export_onnx, onnx_max_abs_diff
@@ -76,6 +65,33 @@ def export_artifacts(model: torch.nn.Module, folder: str, batch: Batch, *, quant
             report[kind] = {"uri": target, "bytes": path.stat().st_size,
                             "max_abs_diff": onnx_max_abs_diff(model, path, batch)}
     return report
+
+
+def track_distillation(job: DistillJob, run_folder: str, summary: dict[str, Any]) -> None:
+    """The whole distillation as one TensorBoard run (`train/tracking.py`), at the student's total steps."""
+    from p2es_dist.train.tracking import Tracker
+
+    tracker = Tracker.for_run(run_folder, tracking=job.train.get("tracking", "tensorboard"),
+                              tracking_dir=job.train.get("tracking_dir"))
+    step = summary["distill_steps"] + summary["finetune_steps"]
+    tracker.log_config(summary["config"], step=step)
+    pruning = summary["pruning"] or {}
+    metrics = {**summary["val"], "params": summary["params"], "bytes": summary["bytes"],
+               "pruning/channels_before": pruning.get("channels_before"),
+               "pruning/channels_after": pruning.get("channels_after")}
+    metrics.update({f"before_pruning/{key}": value for key, value in (summary["val_before_pruning"] or {}).items()})
+    artifacts = {"checkpoint": summary["checkpoint"], "weights": summary["weights"],
+                 "pruned": pruning.get("checkpoint"), "teacher_outputs": summary["cache_uri"]}
+    artifacts.update({f"stage_run_{i}": run for i, run in enumerate(summary["runs"])})
+    for kind in ("onnx", "int8"):
+        if kind in summary:
+            metrics.update({f"{kind}/{key}": summary[kind][key] for key in ("bytes", "max_abs_diff")})
+            artifacts[kind] = summary[kind]["uri"]
+    tracker.log_metrics(metrics, step)
+    for name, uri in artifacts.items():
+        if uri:
+            tracker.log_artifact(name, uri, step)
+    tracker.close()
 
 
 def run_distill(config: dict[str, Any], *, out: str | None = None, compute: Compute = infer_with_ray) -> dict[str, Any]:
@@ -96,7 +112,7 @@ def run_distill(config: dict[str, Any], *, out: str | None = None, compute: Comp
     stages, final, pruning = [distilled], distilled, None
     if settings.prune_fraction > 0:
         full = load_model(distilled["checkpoint"]).model
-        scores = significance(full, scoring_batches(cache["uri"], windows=settings.prune_windows))
+        scores = significance(full, cached_batches(cache["uri"], windows=settings.prune_windows))
         score = scores.score(settings.prune_lambda_w)
         kept = select_channels(score, c1_channels=full.config.c1_channels, fraction=settings.prune_fraction)
         pruned, pruned_config = prune_student(full, kept)
@@ -141,9 +157,10 @@ def run_distill(config: dict[str, Any], *, out: str | None = None, compute: Comp
         "config": {"distill": to_dict(settings), "model": job.model, "data": job.data, "train": job.train},
     }
     if settings.onnx:
-        batch = next(scoring_batches(cache["uri"], windows=16))
+        batch = next(cached_batches(cache["uri"], windows=16))
         summary.update(export_artifacts(student.model, uri_lib.join(run_folder, "onnx"), batch,
                                         quantize=settings.quantize))
+    track_distillation(job, run_folder, summary)
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "result.json").write_text(json.dumps(summary, indent=2))

@@ -23,7 +23,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -33,9 +33,9 @@ import pyarrow.compute as pc
 from p2es_dist import __version__
 from p2es_dist.constants import FS, N_LEADS, SCHEMA_VERSION, SHARD_SCHEMA_VERSION, WINDOW
 from p2es_dist.data.loader import CALIBRATION_READ_COLUMNS, READ_COLUMNS
-from p2es_dist.data.read import calibration_available, manifest_bytes, read_windows
+from p2es_dist.data.read import calibration_available, iter_tables, manifest_bytes, read_windows
 from p2es_dist.distill.config import DistillSection
-from p2es_dist.models.base import GenerationOptions
+from p2es_dist.models.base import Batch, GenerationOptions
 from p2es_dist.storage import uri as uri_lib
 
 log = logging.getLogger("p2es.distill")
@@ -103,6 +103,28 @@ def predict_table(model: Any, table: pa.Table, *, options: GenerationOptions, de
     if hidden is not None:
         table = table.append_column(HIDDEN_COLUMN, pa.array(hidden))
     return table
+
+
+def cache_columns(cache_uri: str) -> list[str]:
+    """The columns a batch of the cached teacher outputs is read with: what the loader reads for training
+    (`data.loader.model_space_dataset` with `teacher_ecg`), so a consumer sees each window with the same
+    template, and the same per-window hidden/kept choice, as the student's training did."""
+    calibrated = calibration_available([cache_uri])
+    return (READ_COLUMNS + (CALIBRATION_READ_COLUMNS if calibrated else []) + [TEACHER_COLUMN]
+            + ([HIDDEN_COLUMN] if calibrated else []))
+
+
+def cached_batches(cache_uri: str, *, windows: int, batch_size: int = 64, split: str = "train") -> Iterator[Batch]:
+    """Up to `windows` windows of the cached shards' `split` as torch Batches (a plain pyarrow read), templates
+    and `template_hidden` applied: pruning's significance and the export check read these."""
+    import torch
+
+    from p2es_dist.data.batches import table_to_batch
+
+    for table in iter_tables([cache_uri], cache_columns(cache_uri), split=split, limit=windows,
+                             batch_size=batch_size):
+        batch = table_to_batch(table)
+        yield {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in batch.items()}
 
 
 class TeacherPredictor:

@@ -2,7 +2,8 @@
 rate, fd and diagnostic value on window shards.
 
 - `metrics`: pure numpy metric functions (per-window per-lead arrays in, dicts out), DTW, HR, Fréchet, bootstrap
-- `diagnostic`: the fixed classifier's per-label sensitivity / specificity / precision / F1 / AUROC
+- `diagnostic`: the classifier on recorded, generated and input-only ECGs: AUROC/AUPRC with intervals, and
+  sensitivity / specificity / F1 at the validation thresholds of `thresholds` (`p2es thresholds`)
 - `windows`: which windows (plain pyarrow read, split filter pushed down) and their model-space batches
 - `runner`: one model over those windows, and its metrics.json section
 - `pipeline`: model + baselines end to end -> metrics.json, report.md, figures

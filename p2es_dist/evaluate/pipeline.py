@@ -32,6 +32,7 @@ from p2es_dist.evaluate.runner import (
     window_overall,
 )
 from p2es_dist.evaluate.schema import validate_metrics
+from p2es_dist.evaluate.thresholds import load_thresholds, split_conflict
 from p2es_dist.evaluate.windows import iter_batches, read_eval_windows
 
 log = logging.getLogger("p2es.evaluate")
@@ -59,6 +60,36 @@ def _load(uri: str, role: str):
 
 LEAD_II_WINDOWS = "lead_ii_windows.csv"
 LEAD_II_COLUMNS = (("window", "pearson"), ("window", "pearson_lag"), ("window", "rrmse"), ("minmax", "rmse"))
+
+
+def classifier_thresholds(loaded, config: EvalConfig) -> dict[str, Any]:
+    """The `threshold` block of diagnostic_info; sets `config.thresholds` to the stored validation thresholds.
+
+    Never fits one here: without usable stored thresholds the report has threshold-free figures only."""
+    document, why = load_thresholds(loaded)
+    if document is not None:
+        conflict = split_conflict(document, config.data, config.split)
+        if conflict:
+            document, why = None, f"{conflict}: not used; only threshold-free figures"
+    if document is None:
+        log.warning("DIAGNOSTIC THRESHOLDS: %s", why)
+        config.thresholds = None
+        return {"source": None, "method": None, "uri": None, "fitted_on": None, "values": {}, "note": why}
+    config.thresholds = {label: float(v["threshold"]) for label, v in document["labels"].items()}
+    return {"source": "validation", "method": document.get("method"), "uri": document["uri"],
+            "fitted_on": {"data": document.get("data"), "split": document.get("split"),
+                          "n_windows": document.get("n_windows")},
+            "values": config.thresholds, "note": why}
+
+
+def input_only_info(config: EvalConfig) -> dict[str, Any]:
+    if config.condition:
+        return {"leads": list(config.condition),
+                "description": f"the recorded ECG with only the model's input lead(s) {', '.join(config.condition)} "
+                               "unmasked (where recorded); every other lead zeroed and masked"}
+    return {"leads": [], "description": "PPG-conditioned model, no input ECG: the classifier with no lead unmasked "
+                                        "outputs one constant (its label prior), so input-only is the chance floor "
+                                        "(AUROC 0.5 by construction)"}
 
 
 def write_lead_ii_windows(path: Path, runs: list[ModelRun], reference: Reference) -> None:
@@ -146,7 +177,9 @@ def run_evaluation(*, model_uri: str, config: EvalConfig, out: str | Path, basel
     baselines = dict(baselines or {})
     loaded = {"model": _load(model_uri, "model")}
     loaded.update({name: _load(uri, "baseline") for name, uri in baselines.items()})
-    classifier = _load(classifier_uri, "classifier").model.eval() if classifier_uri else None
+    classifier_loaded = _load(classifier_uri, "classifier") if classifier_uri else None
+    classifier = classifier_loaded.model.eval() if classifier_loaded is not None else None
+    threshold_info = classifier_thresholds(classifier_loaded, config) if classifier_loaded is not None else None
     encoder = _load(encoder_uri, "encoder").model.eval() if encoder_uri else None
 
     table = read_eval_windows(config.data, split=config.split, max_windows=config.max_windows)
@@ -183,7 +216,8 @@ def run_evaluation(*, model_uri: str, config: EvalConfig, out: str | Path, basel
                       "rate": "60 / median RR", "min_peaks": metrics.HR_MIN_PEAKS,
                       "note": ("lead II is a model input (--condition): its heart rate is not a fair test"
                                if "II" in config.condition else None)},
-        "diagnostic_info": ({"classifier": classifier_uri, **diagnostic_summary(reference.labels)}
+        "diagnostic_info": ({"classifier": classifier_uri, **diagnostic_summary(reference.labels),
+                             "threshold": threshold_info, "input_only": input_only_info(config)}
                             if classifier is not None else {"classifier": None, "note": "no --classifier given"}),
         "bootstrap": {"n": config.n_boot, "level": 0.95, "unit": "subject", "seed": config.generation.seed},
         "baselines": {run.name: sections[run.name] for run in runs[1:]},

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from p2es_dist.evaluate.diagnostic import verdict
 from p2es_dist.evaluate.metrics import METRICS
 
 
@@ -70,35 +71,104 @@ def _breakdown(doc: dict) -> list[str]:
     return lines
 
 
+VARIANT_NAMES = {"recorded": "recorded", "generated": "generated", "input_only": "input-only"}
+THRESHOLD_KEYS = ("sensitivity", "specificity", "precision", "f1")
+
+
+def _auroc_ci(row: dict) -> str:
+    interval = row.get("auroc_ci95")
+    if row.get("auroc") is None or not interval:
+        return _fmt(row.get("auroc"), 3)
+    return f"{row['auroc']:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def _difference_words(difference: dict | None, other: str) -> str:
+    """"beats input-only by 0.04 [0.01, 0.07]" / "indistinguishable from recorded: ..." in words."""
+    if not difference or difference.get("auroc") is None:
+        return f"no AUROC difference to {other} (a class is missing)"
+    value, interval = difference["auroc"], difference.get("ci95")
+    if interval is None:
+        return f"{value:+.3f} AUROC against {other}, no interval (a class comes from fewer than two subjects)"
+    which = verdict(difference)
+    if which == "higher":
+        return f"beats {other} by {value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+    if which == "lower":  # the shortfall and its interval as positive numbers
+        return f"falls short of {other} by {-value:.3f} [{-interval[1]:.3f}, {-interval[0]:.3f}]"
+    return (f"indistinguishable from {other} ({value:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}]: the "
+            "interval contains 0)")
+
+
+def _winner(diag: dict, label: str) -> str:
+    """Which of the three wins on AUROC, in one phrase, from the two paired intervals."""
+    differences = diag.get("differences", {}).get(label, {})
+    vs_input = verdict(differences.get("generated_minus_input_only"))
+    vs_recorded = verdict(differences.get("generated_minus_recorded"))
+    if vs_input is None or vs_recorded is None:
+        return "no verdict"
+    if vs_input == "higher":
+        return "generated wins over input-only" + (", as good as recorded" if vs_recorded != "lower"
+                                                   else ", recorded wins overall")
+    if vs_input == "lower":
+        return "input-only wins: the generated ECG loses what its input carried"
+    return "no gain from generation: input-only does as well"
+
+
+def _threshold_text(info: dict) -> str:
+    threshold = info.get("threshold") or {}
+    if threshold.get("source") != "validation":
+        return (f"**No validation thresholds: {threshold.get('note', 'none stored')}.** Sensitivity, specificity, "
+                "precision and F1 are not reported (never fitted on the evaluated windows).")
+    fitted = threshold.get("fitted_on") or {}
+    return (f"Per-label thresholds maximise Youden's J on the classifier's validation windows (split "
+            f"`{fitted.get('split')}` of {', '.join(fitted.get('data') or [])}, {fitted.get('n_windows')} windows; "
+            f"`{threshold.get('uri')}`), never on the evaluated split.")
+
+
 def _diagnostic(doc: dict) -> list[str]:
     info = doc.get("diagnostic_info", {})
     lines = ["## Diagnostic value", ""]
     if doc.get("diagnostic") is None:
         return lines + [f"Not measured: {info.get('note', 'no --classifier given')}.", ""]
-    lines += [f"Classifier `{info.get('classifier')}` applied to the recorded ECG (its recorded leads) and to the "
-              f"generated 12-lead ECG of the same windows. Threshold {info.get('threshold')} on the probability; "
-              f"{info.get('n_labelled')} labelled windows, {info.get('n_unlabelled')} without labels (skipped). "
-              "Labels without a positive among the labelled windows are omitted.", ""]
-    keys = ("sensitivity", "specificity", "precision", "f1", "auroc")
+    input_only = (info.get("input_only") or {}).get("description", "the model's input leads alone")
+    lines += [f"Classifier `{info.get('classifier')}` applied to three ECGs of the same windows: **recorded** "
+              "(its recorded leads), **generated** (the model's 12 leads) and **input-only** "
+              f"({input_only}). {info.get('n_labelled')} labelled windows, {info.get('n_unlabelled')} without "
+              "labels (skipped); labels without a positive among the labelled windows are omitted. AUROC and "
+              "AUPRC are threshold-free; AUROC intervals and the paired differences are 95 % subject bootstraps.",
+              "", _threshold_text(info), ""]
     for name, section in _models(doc).items():
         diag = section["diagnostic"]
         if not diag["recorded"]:
             lines += [f"{name}: no label has a positive among the labelled windows.", ""]
             continue
-        rows = [[label, str(diag["recorded"][label]["n_pos"]),
-                 *[f"{_fmt(diag['recorded'][label][k], 3)} / {_fmt(diag['generated'][label][k], 3)}" for k in keys]]
-                for label in diag["recorded"]]
-        lines += [f"### {name} (recorded / generated)", "", *_table(["label", "positives", *keys], rows), ""]
+        variants = [v for v in VARIANT_NAMES if v in diag]
+        rows = [[label, VARIANT_NAMES[variant], str(diag[variant][label]["n_pos"]), _auroc_ci(diag[variant][label]),
+                 _fmt(diag[variant][label].get("auprc"), 3), _fmt(diag[variant][label].get("threshold"), 3),
+                 *[_fmt(diag[variant][label][k], 3) for k in THRESHOLD_KEYS]]
+                for label in diag["recorded"] for variant in variants]
+        lines += [f"### {name}", "", *_table(["label", "ECG", "positives", "AUROC [95 % CI]", "AUPRC", "threshold",
+                                              *THRESHOLD_KEYS], rows), ""]
+        for label in diag["recorded"]:
+            differences = diag.get("differences", {}).get(label, {})
+            parts = [f"generated {_difference_words(differences.get(key), other)}"
+                     for key, other in (("generated_minus_input_only", "input-only"),
+                                        ("generated_minus_recorded", "recorded")) if key in differences]
+            lines.append(f"- **{label}**: {_winner(diag, label)}; " + "; ".join(parts) + ".")
+        lines.append("")
     return lines
 
 
 def _fd_text(doc: dict) -> list[str]:
     note = doc.get("fd_info", {}).get("note")
+    features = doc.get("fd_features")
+    source = {"encoder": "foundation-encoder features", "classifier": "the diagnostic classifier's pooled "
+              "features (no --encoder given)"}.get(features, "learned features (foundation encoder, else the "
+                                                   "diagnostic classifier's pooled features)")
     lines = ["## What fd is", "",
-             "`fd` is the Fréchet distance between Gaussian fits of foundation-encoder features of the generated "
-             "and of the recorded ECGs of the same windows (both embedded with the recorded lead mask, PPG "
-             "masked out): ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)). Lower is closer. It is never "
-             "computed on raw samples."]
+             f"`fd` is the Fréchet distance between Gaussian fits of {source} of the generated and of the "
+             "recorded ECGs of the same windows (both with the recorded lead mask, PPG masked out): "
+             "||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)). Lower is closer. It is never computed on "
+             "raw samples, and values in different feature spaces are not comparable."]
     if note:
         lines += ["", f"Not computed in this run: {note}."]
     return lines + [""]

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from p2es_dist.constants import LEAD_INDEX, SEX_FEMALE, SEX_MALE
+from p2es_dist.constants import LEAD_INDEX, LEADS, SEX_FEMALE, SEX_MALE
 from p2es_dist.data.batches import labels_multi_hot
 from p2es_dist.data.normalize import minmax_per_lead
 from p2es_dist.evaluate import diagnostic, metrics
@@ -49,6 +49,7 @@ class EvalConfig:
     protocol: str = "zero-shot"  # or "calibrated" (evaluate/templates.py)
     calibration_s: float = 60.0
     population: Any = None  # the training population's CalibrationProfile, set by the pipeline
+    thresholds: dict[str, float] | None = None  # the classifier's stored validation thresholds, set by the pipeline
 
 
 @dataclass
@@ -64,7 +65,9 @@ class Reference:
     mask: np.ndarray  # (n, 12) the leads scored: recorded and not a model input
     hr: np.ndarray  # (n,) bpm of recorded lead II, NaN when not recorded or too few peaks
     probabilities: np.ndarray | None = None  # (n, 13) classifier on the recorded ECG
-    features: np.ndarray | None = None  # (n, D) encoder features of the recorded ECG
+    input_probabilities: np.ndarray | None = None  # (n, 13) classifier on the model's input leads alone
+    features: np.ndarray | None = None  # (n, D) encoder (or classifier) features of the recorded ECG
+    fd_features: str | None = None  # "encoder" or "classifier": where `features` come from
 
 
 @dataclass
@@ -107,9 +110,27 @@ def _embed(encoder, batch: dict[str, np.ndarray], ecg: np.ndarray) -> np.ndarray
         return encoder.embed(to_torch(view)).float().numpy()
 
 
+def _input_leads(batch: dict[str, np.ndarray], config: EvalConfig) -> np.ndarray | None:
+    """(B, 12) leads handed to the model as input; None for a PPG-conditioned model (no input ECG)."""
+    if "cond_leads" in batch:
+        return batch["cond_leads"].astype(bool)
+    return np.isin(np.array(LEADS), config.condition) if config.condition else None
+
+
+def _features(batch: dict[str, np.ndarray], ecg: np.ndarray, *, encoder, classifier) -> np.ndarray | None:
+    """Learned features of `ecg` for fd, both sides with the recorded lead mask: the foundation encoder's
+    when given, else the classifier's pooled features, else None."""
+    if encoder is not None:
+        return _embed(encoder, batch, ecg)
+    if classifier is not None:
+        return diagnostic.classifier_features(classifier, ecg, batch["ecg_mask"])
+    return None
+
+
 def compute_reference(table: pa.Table, config: EvalConfig, *, classifier=None, encoder=None) -> Reference:
-    """Recorded-side quantities of every window: scored-lead mask, lead II heart rate, classifier, features."""
-    masks, recorded, hr, probabilities, features = [], [], [], [], []
+    """Recorded-side quantities of every window: scored-lead mask, lead II heart rate, classifier on the
+    recorded ECG and on its input leads alone, features."""
+    masks, recorded, hr, probabilities, inputs, features = [], [], [], [], [], []
     batches = iter_batches(table, batch_size=config.batch_size, condition=config.condition,
                            protocol=config.protocol, population=config.population)
     for _, batch in _progress(batches, total=_n_batches(table, config), desc="recorded", enabled=config.progress):
@@ -119,8 +140,9 @@ def compute_reference(table: pa.Table, config: EvalConfig, *, classifier=None, e
         hr.append(np.where(batch["ecg_mask"][:, LEAD_INDEX["II"]], rates, np.nan))
         if classifier is not None:
             probabilities.append(diagnostic.classify(classifier, batch["ecg"], batch["ecg_mask"]))
-        if encoder is not None:
-            features.append(_embed(encoder, batch, batch["ecg"]))
+            inputs.append(diagnostic.input_only_probabilities(classifier, batch["ecg"], batch["ecg_mask"],
+                                                              _input_leads(batch, config)))
+        features.append(_features(batch, batch["ecg"], encoder=encoder, classifier=classifier))
     return Reference(
         window_ids=table.column("window_id").to_pylist(),
         subjects=np.array(table.column("subject_id").to_pylist(), dtype=object),
@@ -129,7 +151,9 @@ def compute_reference(table: pa.Table, config: EvalConfig, *, classifier=None, e
         labels=labels_multi_hot(table.column("labels")),
         recorded_mask=np.concatenate(recorded), mask=np.concatenate(masks), hr=np.concatenate(hr),
         probabilities=np.concatenate(probabilities) if probabilities else None,
-        features=np.concatenate(features) if features else None,
+        input_probabilities=np.concatenate(inputs) if inputs else None,
+        features=np.concatenate(features) if features and features[0] is not None else None,
+        fd_features="encoder" if encoder is not None else "classifier" if classifier is not None else None,
     )
 
 
@@ -174,13 +198,12 @@ def run_model(name: str, loaded, table: pa.Table, reference: Reference, config: 
         if classifier is not None:
             # The generated ECG is a full 12-lead ECG: scored with every lead present.
             probabilities.append(diagnostic.classify(classifier, generated, np.ones_like(batch["ecg_mask"])))
-        if encoder is not None:
-            features.append(_embed(encoder, batch, generated))
+        features.append(_features(batch, generated, encoder=encoder, classifier=classifier))
     return ModelRun(
         name=name, loaded=loaded, generation=settings, seconds=seconds, hr=np.concatenate(hr),
         per_window={s: {m: np.concatenate(v) for m, v in values.items()} for s, values in per_window.items()},
         probabilities=np.concatenate(probabilities) if probabilities else None,
-        features=np.concatenate(features) if features else None,
+        features=np.concatenate(features) if features and features[0] is not None else None,
     )
 
 
@@ -230,7 +253,8 @@ def model_info(loaded) -> dict:
 
 def fid_section(run: ModelRun, reference: Reference) -> tuple[float | None, str | None]:
     if run.features is None or reference.features is None:
-        return None, "no --encoder given: fd needs the foundation encoder's features (never raw samples)"
+        return None, ("neither --encoder nor --classifier given: fd needs learned features (the foundation "
+                      "encoder's, else the classifier's pooled ones), never raw samples")
     if len(run.features) < 2:
         return None, "fewer than 2 windows: no covariance to fit"
     return metrics.frechet_distance(reference.features, run.features), None
@@ -247,7 +271,8 @@ def summarise(run: ModelRun, reference: Reference, config: EvalConfig) -> dict:
     section: dict[str, Any] = {
         "model": model_info(run.loaded), "generation": run.generation, "spaces": spaces,
         "hr_mae_bpm": hr["mae_bpm"], "hr_windows": hr["n_windows"], "hr": hr, "fd": fd,
-        "fd_info": {"note": fd_note, "n": n if fd is not None else 0,
+        "fd_features": reference.fd_features if fd is not None else None,
+        "fd_info": {"note": fd_note, "n": n if fd is not None else 0, "features": reference.fd_features,
                     "dim": int(run.features.shape[1]) if run.features is not None else None},
         "diagnostic": None, "breakdown": breakdown(run, reference),
         "worst_subjects": worst_subjects(run, reference, config.worst_k),
@@ -255,8 +280,9 @@ def summarise(run: ModelRun, reference: Reference, config: EvalConfig) -> dict:
                    "n_windows": n, "batch_size": config.batch_size},
     }
     if run.probabilities is not None and reference.probabilities is not None:
-        section["diagnostic"] = {
-            "recorded": diagnostic.label_metrics(reference.probabilities, reference.labels),
-            "generated": diagnostic.label_metrics(run.probabilities, reference.labels),
-        }
+        variants = {"recorded": reference.probabilities, "generated": run.probabilities,
+                    "input_only": reference.input_probabilities}
+        section["diagnostic"] = diagnostic.compare(
+            {name: values for name, values in variants.items() if values is not None}, reference.labels,
+            reference.subjects, thresholds=config.thresholds, n_boot=config.n_boot, seed=config.generation.seed)
     return section

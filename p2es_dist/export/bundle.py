@@ -7,6 +7,7 @@ by `p2es_dist.models.checkpoint.load_model`.
     MODEL_CARD.md       generated from metrics.json and the training run (export.model_card)
     metrics.json        the evaluation's metrics.json, copied byte for byte ({"evaluated": false} without one)
     model.onnx, model.pt   students only: PPG -> 12 leads, checked against PyTorch (export.mobile)
+    thresholds.json     classifiers only, when fitted (`p2es thresholds`): per-label validation thresholds
     SHA256SUMS          `<sha256>  <file>` for every other file, written last (`checkpoint.format_sums`)
 
 The bundle is assembled in a hidden folder beside `out`, loaded back and compared with the source
@@ -18,6 +19,7 @@ the folder.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -34,11 +36,14 @@ from p2es_dist.models import checkpoint as ckpt
 from p2es_dist.models.base import GenerationOptions
 from p2es_dist.storage import uri as uri_lib
 
+log = logging.getLogger(__name__)
+
 BUNDLE_FORMAT_VERSION = 1
 KINDS = ("teacher", "student", "baseline", "encoder", "classifier")
 _KIND_OF_MODEL = {"p2es": "teacher", "student": "student", "encoder": "encoder", "classifier": "classifier"}
 CARD = "MODEL_CARD.md"
 METRICS = "metrics.json"
+THRESHOLDS = "thresholds.json"  # a classifier's validation thresholds (evaluate/thresholds.py THRESHOLDS_FILE)
 ECG_SCALE_MV = 1.0  # translate's default mV per model unit: a convention, stated as such
 
 
@@ -255,6 +260,26 @@ def from_training_data(uris: list[str], *, checkpoint: str, fallback: bool
     return manifests, settings, labels
 
 
+def classifier_thresholds(loaded, *, bundle_digest: str) -> dict[str, bytes]:
+    """The classifier's validation thresholds (`p2es thresholds`, `evaluate/thresholds.py`) re-keyed to the
+    bundle's weights, so the bundle carries them under SHA256SUMS; {} when the checkpoint has none or
+    they were fitted for other weights."""
+    if not hasattr(loaded.model, "predict_proba"):
+        return {}
+    source = uri_lib.join(loaded.uri, THRESHOLDS)
+    if not uri_lib.exists(source):
+        log.warning("bundle without %s: the classifier has none (`p2es thresholds --classifier %s`)",
+                    THRESHOLDS, loaded.uri)
+        return {}
+    document = json.loads(uri_lib.read_text(source))
+    if document.get("classifier_digest") != loaded.digest:
+        log.warning("bundle without %s: %s was fitted for other weights", THRESHOLDS, source)
+        return {}
+    # The bundle re-serialises the same fp32 tensors, so the same thresholds hold for its weights file.
+    document.update(classifier_digest=bundle_digest, fitted_for_digest=loaded.digest)
+    return {THRESHOLDS: (json.dumps(document, indent=2) + "\n").encode()}
+
+
 def _stage(folder: Path, files: dict[str, bytes]) -> None:
     for name, data in files.items():
         (folder / name).write_bytes(data)
@@ -351,8 +376,9 @@ def write_bundle(checkpoint: str, out: str, *, metrics: str | None = None, no_me
             **({"mobile": mobile} if mobile else {}),
         }
         card = render_model_card(config, metrics=metrics_dict, training=training, training_origin=origin)
+        extra = classifier_thresholds(loaded, bundle_digest=config["weights_sha256"])
         _stage(staging, {ckpt.WEIGHTS: weights, ckpt.BUNDLE_CONFIG: json.dumps(config, indent=2).encode(),
-                         CARD: card.encode(), METRICS: metrics_raw})
+                         CARD: card.encode(), METRICS: metrics_raw, **extra})
         (staging / ckpt.SUMS).write_bytes(_sums(staging))
         _check_round_trip(staging, loaded.model)
         files = sorted(p.name for p in staging.iterdir())

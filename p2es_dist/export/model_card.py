@@ -214,6 +214,27 @@ def _labels_section(labels: dict[str, Any] | None) -> list[str]:
     return lines + [""]
 
 
+def _shape(shape: list[Any]) -> str:
+    return "(" + ", ".join(str(x) for x in shape) + ")"
+
+
+def _mobile_section(mobile: dict[str, Any], window: int) -> list[str]:
+    lines = ["## Mobile files", ""]
+    for m in mobile.values():
+        inputs = m.get("inputs") or [{"name": "ppg", "shape": ["batch", window]}]
+        names = ", ".join(f"`{i['name']}` {_shape(i['shape'])}" for i in inputs)
+        named = f"inputs {names} (in this order)" if len(inputs) > 1 else f"input {names}"
+        lines.append(f"- `{m['file']}`: max |difference| to PyTorch {m['max_abs_diff']:.2g} (tolerance "
+                     f"{m['tolerance']:g}); {named}, output `ecg` (batch, 12, {window}), in model space")
+    first = next(iter(mobile.values()))
+    if len(first.get("inputs") or []) > 1:
+        lines += ["", "Calibration template inputs (the student was trained with them):", ""]
+        lines += [f"- `{i['name']}` {_shape(i['shape'])} {i['dtype']}: {i['space']}" for i in first["inputs"][1:]]
+        if first.get("zero_shot"):
+            lines.append(f"- Zero-shot (no calibration), {first['zero_shot']}")
+    return lines + [""]
+
+
 def render_model_card(config: dict[str, Any], *, metrics: dict[str, Any] | None,
                       training: list[dict[str, Any]], training_origin: str | None) -> str:
     """The card's Markdown; `metrics` None means the model was exported with --no-metrics."""
@@ -254,11 +275,7 @@ def render_model_card(config: dict[str, Any], *, metrics: dict[str, Any] | None,
         lines += ["Generation (stochastic model): " + ", ".join(f"{k} {_fmt(v)}" for k, v in gen.items()), ""]
     mobile = config.get("mobile")
     if mobile:
-        lines += ["## Mobile files", ""]
-        lines += [f"- `{m['file']}`: max |difference| to PyTorch {m['max_abs_diff']:.2g} (tolerance "
-                  f"{m['tolerance']:g}); input `ppg` (batch, {pre['window']}), output `ecg` (batch, 12, "
-                  f"{pre['window']}), both in model space" for m in mobile.values()]
-        lines.append("")
+        lines += _mobile_section(mobile, pre["window"])
     lines += _limitations(training)
     lines += ["## Loading", "", "```python", "from p2es_dist import load_pretrained",
               "model = load_pretrained(\"path/to/this/folder\")  # checks SHA256SUMS, reads safetensors",

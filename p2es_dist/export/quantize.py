@@ -17,7 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from p2es_dist.export.template_graph import CONSTANT_PREFIX
+
 MIN_ELEMENTS = 256  # smaller tensors (biases, norm affines) stay fp32: they are a few hundred bytes in all
+# A template student's embedded population beat (`export.template_graph`) is a signal the graph adds to its
+# input, not a layer's weights: it stays fp32 (1,200 values), so int8 changes only what weights do.
+KEEP_PREFIXES = (CONSTANT_PREFIX,)
 
 
 def _quantize_rows(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -30,8 +35,11 @@ def _quantize_rows(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return quantized, scale
 
 
-def quantize_int8(source: str | Path, target: str | Path, *, min_elements: int = MIN_ELEMENTS) -> Path:
-    """Write an int8-weight copy of the ONNX model at `source` to `target`; returns `target`."""
+def quantize_int8(source: str | Path, target: str | Path, *, min_elements: int = MIN_ELEMENTS,
+                  keep_prefixes: tuple[str, ...] = KEEP_PREFIXES) -> Path:
+    """Write an int8-weight copy of the ONNX model at `source` to `target`; returns `target`.
+
+    Initializers whose name starts with one of `keep_prefixes` stay fp32."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -40,7 +48,8 @@ def quantize_int8(source: str | Path, target: str | Path, *, min_elements: int =
     kept, dequantize_nodes = [], []
     for initializer in graph.initializer:
         weights = numpy_helper.to_array(initializer)
-        if weights.dtype != np.float32 or weights.ndim < 2 or weights.size < min_elements:
+        if (weights.dtype != np.float32 or weights.ndim < 2 or weights.size < min_elements
+                or initializer.name.startswith(keep_prefixes)):
             kept.append(initializer)
             continue
         quantized, scale = _quantize_rows(weights)

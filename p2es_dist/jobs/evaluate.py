@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="shard folder(s) with manifest.json, comma separated")
     p.add_argument("--baselines", help="name=URI[,name=URI...] evaluated on the same windows")
     p.add_argument("--encoder", help="foundation encoder checkpoint: enables fd (and --probe)")
-    p.add_argument("--classifier", help="ECGClassifier checkpoint: enables the diagnostic metrics")
+    p.add_argument("--classifier", help="ECGClassifier checkpoint: enables the diagnostic metrics (recorded, "
+                                        "generated and input-only ECG; its stored validation thresholds from "
+                                        "`p2es thresholds`) and, without --encoder, fd on its features")
     p.add_argument("--condition", help="lead(s) given as input, e.g. II or I,II,V1: 12-from-those-leads "
                                        "reconstruction instead of PPG -> ECG")
     p.add_argument("--split", default="test", choices=["all", "train", "val", "test"])
@@ -148,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                 "pearson": doc["spaces"]["window"]["overall"]["pearson"], "hr_mae_bpm": doc["hr_mae_bpm"],
                 "hr_windows": doc["hr_windows"],
                 "protocol": doc["protocol"]["name"], "verdict": doc["protocol"]["verdict"],
-                "fd": doc["fd"], "baselines": sorted(doc["baselines"])}
+                "fd": doc["fd"], "fd_features": doc.get("fd_features"), "baselines": sorted(doc["baselines"])}
+    threshold = (doc.get("diagnostic_info") or {}).get("threshold")
+    if threshold is not None:
+        headline["diagnostic_thresholds"] = threshold["source"] or "none: threshold-free figures only"
     print(json.dumps(headline))
     return 0
 

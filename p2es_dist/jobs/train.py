@@ -20,12 +20,29 @@ def train_and_print(config: dict, out: str | None, *, fresh: bool = False) -> in
     from p2es_dist.train.config import parse_job_config
     from p2es_dist.train.trainer import run_name, run_training
 
-    run_name(parse_job_config(config), out=out, fresh=fresh)  # fail on a bad key or flag before Ray starts
+    job = parse_job_config(config)
+    run_name(job, out=out, fresh=fresh)  # fail on a bad key or flag before Ray starts
     with ray_session():
-        summary = run_training(config, out=out, fresh=fresh)
+        summary = run_training(job, out=out, fresh=fresh)  # the job parsed above, not the dict again
+    if summary.get("model") == "classifier":
+        summary["thresholds"] = classifier_thresholds(summary["checkpoint"], job.data.uris)
     print(json.dumps({k: summary[k] for k in ("run", "checkpoint", "weights", "steps", "restored_from_step",
-                                              "failures", "val", "selected") if k in summary}))
+                                              "failures", "val", "selected", "thresholds") if k in summary}))
     return 0
+
+
+def classifier_thresholds(checkpoint: str, uris: list[str]) -> str | None:
+    """Per-label Youden thresholds of a trained classifier on its validation split, stored beside its
+    weights (`evaluate/thresholds.py`); a run without usable validation windows keeps its checkpoint and
+    says how to fit them later."""
+    from p2es_dist.evaluate.thresholds import fit_classifier_thresholds
+
+    try:
+        return fit_classifier_thresholds(checkpoint, uris, split="val")["uri"]
+    except UserError as exc:
+        print(f"p2es train: warning: no classifier thresholds ({exc}); fit them with `p2es thresholds "
+              f"--classifier {checkpoint} --data ...`", file=sys.stderr)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

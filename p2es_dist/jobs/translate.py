@@ -8,6 +8,13 @@ Amplitudes are NOT calibrated: model space has no absolute scale, and one model 
 `--ecg-scale-mv` millivolts (default: the bundle's `preprocessing.ecg_scale_mv`, else 1.0). The
 record's header comments say so.
 
+With `--condition LEADS` the input is instead a WFDB record's ECG leads, and a lead-conditioned model
+(trained with `data.condition_subsets` or `data.condition_leads`) generates the other leads; the output
+keeps the given leads as recorded (125 Hz, band-passed) and the input's units (translate/from_leads.py):
+
+    p2es translate --model runs/p2es_anysubset --input ../shared/data/ptbxl/records500/00000/00001_hr \
+        --condition I,II --out out/00001_12lead
+
 Inputs of any length are read, translated and written chunk by chunk (translate/stream.py). Short
 NaN/inf gaps in the PPG are interpolated, with a line on stderr saying how many samples; a longer gap
 (over 0.5 s, or the bundle's limit) or a PPG flat over more than half its length is refused with exit
@@ -54,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the bundle's preprocessing.ecg_scale_mv, else 1.0: the largest lead "
                         "peaks near 1 mV)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per model call (default 16)")
+    p.add_argument("--condition", help="ECG lead(s) of the --input WFDB record to give a lead-conditioned model, "
+                                       "e.g. II or I,II or II,V1,V5: it generates the other leads")
     p.epilog = ("Output: 12 leads (I II III aVR aVL aVF V1-V6) at 125 Hz, as long as the input. Amplitudes are NOT "
                 "calibrated: the model works without absolute scale; see --ecg-scale-mv.")
     args = p.parse_args(argv)
@@ -75,6 +84,20 @@ def main(argv: list[str] | None = None) -> int:
     config = TranslateConfig(hop=args.hop, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                              ecg_scale_mv=args.ecg_scale_mv, age=args.age,
                              sex=None if args.sex is None else _SEX[args.sex], population=args.population)
+    if args.condition is not None:
+        from p2es_dist.evaluate.windows import parse_condition
+        from p2es_dist.translate.from_leads import translate_leads_file
+
+        for option, value in (("--fs", args.fs), ("--calibration", args.calibration),
+                              ("--ecg-scale-mv", args.ecg_scale_mv)):
+            if value is not None:
+                raise UserError(f"{option}: not with --condition (the input is a WFDB record's ECG leads, whose own "
+                                "scale the output keeps)")
+        summary = translate_leads_file(model=args.model, input=args.input, out=args.out, column=args.column,
+                                       condition=parse_condition(args.condition.split(",")), png=args.png,
+                                       config=config)
+        print(json.dumps(summary))
+        return 0
     summary = translate_file(model=args.model, input=args.input, out=args.out, column=args.column, fs=args.fs,
                              png=args.png, config=config, calibration=args.calibration)
     for line in notices(summary):

@@ -24,10 +24,18 @@ A batch is a dict of tensors in model space (`p2es_dist/data/normalize.py`), as 
 Leads are in `constants.LEADS` order, L = `constants.WINDOW`. A batch without `template` /
 `template_mask` (old shards, 12-lead corpora) has no template for any window; models read it only
 when built with `use_template: true`, and never learn from (or score) a lead they were given as input.
+`cond_leads` may differ from window to window (`data.condition_subsets`: one model, any subset).
+
+Lead physics at the output: every `generate` of a model that reads `cond_leads` (`takes_leads`) returns
+the given leads exactly as recorded and, where two limb leads are given, all six derived from them
+(`models.leads.impose_given_leads`). `TranslationModel` wraps each subclass's `generate` with it, so no
+model can forget it.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -35,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from p2es_dist.constants import N_LEADS
+from p2es_dist.models.leads import impose_given_leads
 
 Batch = dict[str, Tensor]
 
@@ -68,11 +77,40 @@ class GenerationOptions:
         return {"sampler": self.sampler, "steps": self.steps, "seed": self.seed, "n_samples": self.n_samples}
 
 
+def _imposing_given_leads(generate: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """`generate` followed by `impose_given_leads` for models that take leads and batches that give some.
+
+    Without `cond_leads` in the batch it returns the output untouched, by a key test alone, so a traced
+    PPG-only graph (export) holds nothing of it."""
+
+    @functools.wraps(generate)
+    def wrapper(self: TranslationModel, batch: Batch, *args: Any, **kwargs: Any) -> Tensor:
+        output = generate(self, batch, *args, **kwargs)
+        if "cond_leads" not in batch or not self.takes_leads:
+            return output
+        with torch.no_grad():
+            return impose_given_leads(output, batch["ecg"], condition_leads(batch))
+
+    wrapper.imposes_given_leads = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 class TranslationModel(nn.Module):
     """A model that maps a condition (PPG and/or some leads, demographics) to 12 ECG leads."""
 
     name: ClassVar[str]
     stochastic: ClassVar[bool] = False  # True: `generate` samples, and reads GenerationOptions' sampler fields
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        generate = cls.__dict__.get("generate")
+        if generate is not None and not getattr(generate, "imposes_given_leads", False):
+            cls.generate = _imposing_given_leads(generate)
+
+    @property
+    def takes_leads(self) -> bool:
+        """Whether the model reads `cond_leads` (recorded leads) as input: its config's `condition_on_leads`."""
+        return bool(getattr(getattr(self, "config", None), "condition_on_leads", False))
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """Scalar training loss (masked to recorded leads) and named parts for logging."""

@@ -27,7 +27,9 @@ weight shape, and the default stays 1 so students distilled before keep their me
 Calibration template (`use_template`): the template's 12 leads and 12 constant "has this lead" channels
 are more input channels of the first layer; a lead counts as present when its template is not all
 zero (`template_input` zeroes the leads `template_mask` leaves out), so `forward_ppg(ppg, template)`
-needs no mask. Training hides it in a `template_dropout` fraction of windows.
+needs no mask. Training hides it in a `template_dropout` fraction of windows. Windows without the
+patient's template get the training population's (`calibration_template`). The exported graphs take the
+template, its lead mask and the PPG upstrokes as inputs and embed the population (`export/template_graph.py`).
 """
 
 from __future__ import annotations
@@ -166,26 +168,31 @@ class Student(TranslationModel):
         return StudentFeatures(ecg=ecg, first=first, fused=fused, fusion_weights=alpha, channel_weights=weights)
 
     def forward_ppg(self, ppg: Tensor, template: Tensor | None = None) -> Tensor:
-        """(B, L) model-space PPG (and, with `use_template`, an optional (B, 12, L) template) -> (B, 12, L)
-        model-space ECG: the graph that ONNX export traces."""
-        if self.config.use_template and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
-            # The exported graphs (export/onnx_io.py, export/mobile.py) take `ppg` alone so far: tracing a
-            # template student would bake in "no calibration". Refuse rather than ship that silently.
-            raise NotImplementedError("student with use_template: the ONNX / TorchScript export does not take "
-                                      "the template as an input yet (set distill.onnx: false to distil one)")
+        """(B, L) model-space PPG (and, with `use_template`, an optional (B, 12, L) template, already
+        masked and filled as `calibration_template` gives it) -> (B, 12, L) model-space ECG: the graph
+        that ONNX export traces (a template student through `export.template_graph.CalibratedGraph`)."""
         return self.features(ppg, template).ecg
 
-    def _template(self, batch: Batch) -> Tensor | None:
-        """The patient's template, else the population's at the window's upstrokes (None: no template input)."""
-        return template_input(self.population.fill(batch)) if self.config.use_template else None
+    def calibration_template(self, batch: Batch) -> Tensor | None:
+        """The first layer's template for `batch`: the patient's (`template`, `template_mask`), else the
+        population's at the window's upstrokes; zeros without either. None for a student without `use_template`.
+
+        What training, pruning's significance and the exported graphs all feed the student."""
+        if not self.config.use_template:
+            return None
+        filled = self.population.fill(batch)
+        if "template" not in filled:  # no calibration columns and no population: zero-shot from PPG alone
+            ppg = batch["ppg"]
+            return torch.zeros(ppg.shape[0], N_LEADS, ppg.shape[-1], dtype=ppg.dtype, device=ppg.device)
+        return template_input(filled)
 
     def forward(self, batch: Batch) -> Tensor:
-        return self.forward_ppg(ppg_input(batch)[:, 0], self._template(batch))
+        return self.forward_ppg(ppg_input(batch)[:, 0], self.calibration_template(batch))
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         if self.config.use_template and self.training:
             batch = hide_templates(batch, self.config.template_dropout)
-        out = self.features(ppg_input(batch)[:, 0], self._template(batch))
+        out = self.features(ppg_input(batch)[:, 0], self.calibration_template(batch))
         recorded_mask = regression_target_mask(batch, with_leads=False, with_template=self.config.use_template)
         recorded = masked_mse(out.ecg, batch["ecg"], recorded_mask)
         sparsity = group_sparsity(out.fused) + group_sparsity(out.first)

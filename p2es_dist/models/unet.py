@@ -11,6 +11,10 @@ from the zero prediction.
 With `use_template`, the patient's calibration template (already aligned with the ECG to predict) is 12
 more input channels and which leads it has 12 more presence flags in the condition vector; training
 hides it in a `template_dropout` fraction of windows. Leads given as input (`cond_leads`) are no target.
+They may differ from window to window (`data.condition_subsets`): the given leads are 12 input channels
+(others zeroed) and which leads are given is 12 flags of the condition vector, so the network knows a
+flat given lead from an absent one. `generate` returns the given leads as recorded and, from two given
+limb leads, all six by lead physics (`models.leads.impose_given_leads`, applied by `TranslationModel`).
 
 PPG receptive field: every level's two convolutions reach 2 * (kernel_size // 2) samples at its own
 resolution, 2^level input samples each, so the coarse levels see far: +-194 samples (1.6 s at 125 Hz)

@@ -2,18 +2,23 @@
 
     model: {name: p2es, ...}          # the model's own config dataclass
     data:  {uris: [s3://p2es/bidmc], batch_size: 16, augment: {...}}   # p2es_dist.data.loader.LoaderConfig
-    train: {num_workers: 2, max_steps: 2000, deepspeed: {zero_stage: 2}, storage_path: s3://p2es/runs}
+    train: {num_workers: 2, max_steps: 2000, deepspeed: {zero_stage: 2}, storage_path: s3://p2es/runs,
+            tracking: tensorboard}   # or none; events in <run>/tensorboard (train/tracking.py)
     fault: {kill_rank: 1, at_step: 25}  # tests the recovery path: that worker kills itself once
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from p2es_dist.config import from_dict, section
 from p2es_dist.data.loader import LoaderConfig
 from p2es_dist.errors import ConfigError
+from p2es_dist.train.tracking import Tracking
+
+if TYPE_CHECKING:
+    from p2es_dist.models.registry import ModelSpec
 
 # What training selects checkpoints by, and Tune searches on by default: the validation reconstruction
 # error (P2Es' x0 MSE, a regressor's MSE), not the total loss, which for P2Es is mostly its contrastive
@@ -55,6 +60,10 @@ class TrainSection:
     storage_path: str = "runs"
     run_name: str | None = None  # default: stable per config and --out, so the same command resumes its run
     seed: int = 0
+    # TensorBoard event files of rank 0 (train/tracking.py; `p2es runs` compares them): in <run>/tensorboard,
+    # or <tracking_dir>/<run name> to gather runs under one logdir. `none` writes nothing.
+    tracking: Tracking = "tensorboard"
+    tracking_dir: str | None = None
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
     def __post_init__(self) -> None:
@@ -76,7 +85,9 @@ class FaultSection:
 
 @dataclass
 class JobConfig:
-    model: dict[str, Any]
+    """A training config parsed once, on the driver, and handed as such to every worker and trial."""
+
+    model: ModelSpec  # the model's own config dataclass, typed by the registry
     data: LoaderConfig
     train: TrainSection
     fault: FaultSection
@@ -85,14 +96,17 @@ class JobConfig:
     def as_dict(self) -> dict[str, Any]:
         from p2es_dist.config import to_dict
 
-        return {"model": dict(self.model), "data": to_dict(self.data), "train": to_dict(self.train),
+        return {"model": self.model.as_dict(), "data": to_dict(self.data), "train": to_dict(self.train),
                 "fault": to_dict(self.fault)}
 
 
-def parse_job_config(config: dict[str, Any]) -> JobConfig:
-    """Validate every section now, on the driver, so a typo fails before any worker starts."""
-    from p2es_dist.models import build_model
+def parse_job_config(config: dict[str, Any] | JobConfig) -> JobConfig:
+    """Validate and type every section now, on the driver, so a typo fails before any worker starts; a
+    JobConfig (already parsed) is returned as it is."""
+    from p2es_dist.models import parse_model
 
+    if isinstance(config, JobConfig):
+        return config
     origin = config.get("_source", "config")
     unknown = sorted(set(config) - {"model", "data", "train", "fault", "_source"})
     if unknown:
@@ -101,9 +115,8 @@ def parse_job_config(config: dict[str, Any]) -> JobConfig:
     if "name" not in model:
         raise ConfigError(f"{origin}: model.name: missing (e.g. p2es, unet, dct, li2021, classifier)")
     try:
-        build_model(model)  # the model's own dataclass checks its keys
         job = JobConfig(
-            model=model,
+            model=parse_model(model),  # the model's own dataclass checks its keys; no module is built
             data=from_dict(LoaderConfig, section(config, "data"), where="data"),
             train=from_dict(TrainSection, section(config, "train"), where="train"),
             fault=from_dict(FaultSection, section(config, "fault"), where="fault"),

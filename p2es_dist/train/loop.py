@@ -27,6 +27,7 @@ import torch
 from p2es_dist.storage import uri as uri_lib
 from p2es_dist.train.config import SELECTION_METRIC
 from p2es_dist.train.engine import build_engine, load_training_checkpoint, save_training_checkpoint, use_bf16
+from p2es_dist.train.tracking import Tracker
 
 # The loss part that is a model's reconstruction error, by preference: P2Es' x0 prediction, the
 # regressors' (and student's) MSE, the foundation encoder's masked-patch reconstruction.
@@ -83,7 +84,8 @@ def _validate(engine, job, device: torch.device) -> dict[str, float]:
             count += n
     engine.train()
     keys = sorted(totals)
-    summed = torch.tensor([totals[k] for k in keys] + [count], dtype=torch.float64)
+    # On the worker's device: a GPU worker's process group is NCCL, which cannot reduce CPU tensors.
+    summed = torch.tensor([totals[k] for k in keys] + [count], dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(summed)
     if summed[-1] == 0:
@@ -117,9 +119,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from p2es_dist.models import build_model
-    from p2es_dist.train.config import parse_job_config
 
-    job = parse_job_config(loop_config["config"])
+    job = loop_config["job"]  # a train.config.JobConfig, parsed once on the driver
     run_uri = loop_config["run_uri"]
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -148,6 +149,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             step = restored_from = load_training_checkpoint(engine, folder)
+    # Rank 0's TensorBoard events (tracking.py). A restart purges what the failed attempt logged past `step`.
+    tracker = Tracker.for_run(run_uri, tracking=job.train.tracking, tracking_dir=job.train.tracking_dir, rank=rank,
+                              purge_step=step + 1 if restored_from is not None or attempt > 1 else None)
+    tracker.log_config(job.as_dict(), step=step)
 
     last_log, begin, window_count = time.perf_counter(), time.perf_counter(), 0
     while step < job.train.max_steps:
@@ -163,6 +168,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         engine.step()
         step += 1
         window_count += len(batch["ecg"])
+        if tracker.enabled:  # float() waits for the device: only where the value is written
+            tracker.log_metrics({"train_loss": float(loss), "lr": engine.get_lr()[0]}, step)
         if rank == 0 and time.perf_counter() - last_log > 10:
             print(f"step {step}/{job.train.max_steps} loss {float(loss):.4f} lr {engine.get_lr()[0]:.2e}", flush=True)
             last_log = time.perf_counter()
@@ -179,12 +186,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics["affinity_initialised"] = bool(affinity.get("initialised"))
         if evaluate:
             metrics.update(_validate(engine, job, device))
+        tracker.log_metrics({key: value for key, value in metrics.items() if key != "train_loss"}, step)
         if save:
             with tempfile.TemporaryDirectory() as folder:
                 save_training_checkpoint(engine, folder, step=step, rank=rank, world_size=context.get_world_size(),
-                                         train_state={"step": step, "model": job.model,
+                                         train_state={"step": step, "model": job.model.as_dict(),
                                                       "zero_stage": job.train.deepspeed.zero_stage})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                                  checkpoint_dir_name=f"step-{step:08d}")
+            tracker.log_artifact("checkpoint", uri_lib.join(run_uri, f"step-{step:08d}"), step)
+            tracker.sync()  # the events up to this checkpoint reach storage with it
         else:
             ray.train.report(metrics)
+            tracker.flush()  # Tune's ASHA may stop a trial after any report: its local events are current
+    tracker.close()

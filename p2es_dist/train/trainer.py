@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ log = logging.getLogger("p2es.train")
 # and old checkpoints are handled, loader speed knobs, the population (derived from data.uris), fault injection.
 NON_IDENTITY_KEYS = {
     "train": ("run_name", "storage_path", "max_failures", "keep_checkpoints", "storage_retries",
-              "storage_retry_delay_s"),
+              "storage_retry_delay_s", "tracking", "tracking_dir"),
     "data": ("prefetch_batches", "block_rows"),
     "model": ("population",),
 }
@@ -49,7 +50,7 @@ def stable_run_name(job: JobConfig, out: str | None = None) -> str:
             identity[section].pop(key, None)
     identity["out"] = str(Path(out).expanduser().resolve()) if out else None
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return f"{job.model['name']}-{digest}"
+    return f"{job.model.name}-{digest}"
 
 
 def run_name(job: JobConfig, *, out: str | None = None, fresh: bool = False) -> str:
@@ -91,38 +92,40 @@ def _storage(job: JobConfig) -> tuple[str, Any]:
     return str(local), None
 
 
-def with_population(config: dict[str, Any]) -> dict[str, Any]:
-    """The config with `model.population` filled in for a model that takes calibration templates.
+def with_population(config: dict[str, Any] | JobConfig) -> JobConfig:
+    """The job (parsed once; a JobConfig passes through) with `model.population` filled in for a model
+    that takes calibration templates.
 
     The population (median beat per lead, median PAT and its spread of the training records, pooled and
     per source, `data/calibration.py`) comes from the `train` split of `data.uris` only, and is written
-    into the model section, so every checkpoint carries the zero-shot template its model was trained with.
+    into the model's config, so every checkpoint carries the zero-shot template its model was trained with.
     """
-    model = config.get("model") or {}
-    if not model.get("use_template") or model.get("population"):
-        return config
+    job = parse_job_config(config)
+    model = job.model.config
+    if not getattr(model, "use_template", False) or getattr(model, "population", None):
+        return job
     from p2es_dist.data.calibration import population_from_shards, population_json, populations_by_source
 
-    uris = list((config.get("data") or {}).get("uris") or [])
+    uris = list(job.data.uris)
     profile = population_from_shards(uris)
     if profile is None:
         log.warning("model.use_template: the training data carry no calibration (shard schema < 2 or no paired "
                     "record in train): no population template, zero-shot windows get no template")
-        return config
+        return job
     population = population_json(profile, populations_by_source(uris))
-    return {**config, "model": {**model, "population": population}}
+    return replace(job, model=replace(job.model, config=replace(model, population=population)))
 
 
-def build_torch_trainer(config: dict[str, Any], *, run_config=None, name: str | None = None):
-    """A ready-to-fit TorchTrainer for a job config (Ray Tune calls this with its own `run_config`)."""
+def build_torch_trainer(config: dict[str, Any] | JobConfig, *, run_config=None, name: str | None = None):
+    """A ready-to-fit TorchTrainer for a job (Ray Tune calls this with its own `run_config`). The workers
+    get the parsed JobConfig itself: nothing is parsed again on them."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from p2es_dist.data.loader import training_datasets
     from p2es_dist.train.loop import train_loop_per_worker
 
-    config = with_population(config)
-    job = parse_job_config(config)
+    job = with_population(config)
     name = name or stable_run_name(job)
     storage_path, filesystem = _storage(job)
     if run_config is None:
@@ -140,7 +143,7 @@ def build_torch_trainer(config: dict[str, Any], *, run_config=None, name: str | 
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": {**job.as_dict(), "_source": job.source}, "run_uri": run_uri},
+        train_loop_config={"job": job, "run_uri": run_uri},
         scaling_config=ray.train.ScalingConfig(num_workers=job.train.num_workers, use_gpu=job.train.use_gpu,
                                                resources_per_worker=resources),
         run_config=run_config,
@@ -164,7 +167,7 @@ def export_weights(job: JobConfig, checkpoint) -> str:
 
     with checkpoint.as_directory() as folder:
         state = consolidated_state_dict(folder, job.train.deepspeed.zero_stage)
-    return save_checkpoint(state, job.model, checkpoint_uri(job, checkpoint))
+    return save_checkpoint(state, job.model.as_dict(), checkpoint_uri(job, checkpoint))
 
 
 def select_checkpoint(best_checkpoints: list[tuple[Any, dict[str, Any]]] | None, latest: Any,
@@ -247,7 +250,7 @@ def _attempt_count(run_uri: str) -> int:
     return len(uri_lib.ls(uri_lib.join(run_uri, "attempts"), suffix=".json", missing_ok=True))
 
 
-def run_training(config: dict[str, Any], *, out: str | None = None, fresh: bool = False) -> dict[str, Any]:
+def run_training(config: dict[str, Any] | JobConfig, *, out: str | None = None, fresh: bool = False) -> dict[str, Any]:
     """Fit, consolidate, summarise. Raises UserError when training fails for good.
 
     The run's name is stable (`run_name`), so the same call again resumes it; `fresh` starts a new run.
@@ -255,15 +258,14 @@ def run_training(config: dict[str, Any], *, out: str | None = None, fresh: bool 
     reconstruction error (`SELECTION_METRIC`), not necessarily the last; `steps` and `val` are the last
     report's, `selected` says which step was chosen and why; `failures` counts this call's restarts.
     """
-    config = with_population(config)
-    job = parse_job_config(config)
+    job = with_population(config)
     name = run_name(job, out=out, fresh=fresh)
     run_uri = uri_lib.join(job.train.storage_path, name)
     attempts_before: list[int] = []
 
     def fit():
         attempts_before.append(_attempt_count(run_uri))
-        return build_torch_trainer(config, name=name).fit()
+        return build_torch_trainer(job, name=name).fit()
 
     result = fit_with_storage_retries(fit, job, name)
     if result.checkpoint is None:
@@ -277,7 +279,7 @@ def run_training(config: dict[str, Any], *, out: str | None = None, fresh: bool 
         "weights": export_weights(job, selected),
         "selected": {"metric": SELECTION_METRIC, "mode": SELECTION_MODE,
                      "step": int(selected_metrics.get("step", 0)), "value": selected_metrics.get(SELECTION_METRIC)},
-        "model": job.model["name"],
+        "model": job.model.name,
         "steps": int(metrics.get("step", 0)),
         "restored_from_step": metrics.get("restored_from_step"),
         "failures": max(0, attempts - 1),

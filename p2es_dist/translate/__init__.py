@@ -3,7 +3,8 @@
     from p2es_dist.translate import translate_file
     translate_file(model="bundles/student", input="a103l.hea", out="out/a103l_ecg")
 
-Pieces: `io` (readers and the WFDB writer), `stitch` (windowing and overlap-add), `run` (the pipeline).
+Pieces: `io` (readers and the WFDB writer), `stitch` (windowing and overlap-add), `run` (the pipeline);
+`from_leads` (`--condition`): some recorded ECG leads in, 12 leads out, with a lead-conditioned model.
 """
 
 from p2es_dist.translate.run import TranslateConfig, translate_file, translate_signal

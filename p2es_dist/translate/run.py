@@ -118,7 +118,9 @@ def stated_generation(model: TranslationModel, metadata: dict[str, Any]) -> dict
 
 def generate_windows(loaded: LoadedModel, ppg_windows: np.ndarray, *, config: TranslateConfig, age: float | None,
                      sex: int, templates: tuple[np.ndarray, np.ndarray] | None = None,
-                     upstrokes: np.ndarray | None = None, first_batch: int = 0) -> np.ndarray:
+                     upstrokes: np.ndarray | None = None, first_batch: int = 0,
+                     leads: tuple[np.ndarray, np.ndarray] | None = None,
+                     ppg_present: np.ndarray | None = None) -> np.ndarray:
     """(k, L) model-space PPG -> (k, 12, L) model-space ECG, `config.batch_size` windows at a time.
 
     `templates`: the calibration's (k, 12, L) model-space templates and (12,) lead mask, or None.
@@ -126,6 +128,8 @@ def generate_windows(loaded: LoadedModel, ppg_windows: np.ndarray, *, config: Tr
     their training population's beat there when there is no calibration.
     `first_batch`: the number of the first batch in the whole signal (its seed), when these windows are
     one group of a longer signal's.
+    `leads`: (k, 12, L) model-space ECG and (k, 12) bool leads given as input (`cond_leads`), or None.
+    `ppg_present`: (k,) bool windows that have PPG (default: all).
     """
     options = GenerationOptions.from_settings(stated_generation(loaded.model, loaded.metadata))
     if config.steps is not None and loaded.model.stochastic:
@@ -134,6 +138,13 @@ def generate_windows(loaded: LoadedModel, ppg_windows: np.ndarray, *, config: Tr
     outputs = []
     for number, first in enumerate(range(0, len(ppg_windows), config.batch_size)):
         batch = make_batch(ppg_windows[first:first + config.batch_size], age=age, sex=sex)
+        if ppg_present is not None:
+            batch["ppg_mask"] = torch.from_numpy(np.array(ppg_present[first:first + config.batch_size], dtype=bool))
+        if leads is not None:
+            given = np.array(leads[1][first:first + config.batch_size], dtype=bool)
+            batch["ecg"] = torch.from_numpy(np.array(leads[0][first:first + config.batch_size], dtype=np.float32))
+            batch["ecg_mask"] = torch.from_numpy(given)
+            batch["cond_leads"] = torch.from_numpy(given.copy())
         if upstrokes is not None:
             batch["upstrokes"] = torch.from_numpy(np.ascontiguousarray(upstrokes[first:first + config.batch_size]))
         if config.population is not None:

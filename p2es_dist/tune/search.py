@@ -79,7 +79,7 @@ def _train_driver(sampled: dict[str, Any], *, base_config: dict[str, Any], exper
                                                      checkpoint_score_order=mode),
         callbacks=[_ForwardToTune(metric), ray_compat.RecordPlacementGroup()],
     )
-    build_torch_trainer(config, run_config=run_config).fit()
+    build_torch_trainer(job, run_config=run_config).fit()  # the trial's config, parsed once, is what its workers get
 
 
 # Ray Train's controller removes its workers' placement group when the run ends, and a detached helper
@@ -157,7 +157,7 @@ def run_search(space: SearchSpace | str | os.PathLike, base_config: dict[str, An
     from p2es_dist.train.trainer import with_population
 
     # Once for the search, not in every trial (each would read the training shards again).
-    base_config = with_population(base_config)
+    base_config = {**with_population(base_config).as_dict(), "_source": base_config.get("_source", "config")}
     settings = space.settings
     storage_root = _storage_root(base_config)
     name = name or f"tune-{Path(space.source).stem}-{time.strftime('%Y%m%d-%H%M%S')}"

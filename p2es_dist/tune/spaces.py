@@ -124,18 +124,10 @@ class SearchSpace:
 
 def resolved_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The base config with every default filled in, so a space may vary keys the YAML leaves implicit."""
-    import dataclasses
-
-    from p2es_dist.config import to_dict
-    from p2es_dist.models import build_model
     from p2es_dist.train.config import parse_job_config
 
     job = parse_job_config(dict(config))
-    model_config = getattr(build_model(job.model), "config", None)
-    model = dict(job.model)
-    if dataclasses.is_dataclass(model_config):
-        model = {"name": job.model["name"], **to_dict(model_config), **model}
-    return {**job.as_dict(), "model": model, "_source": config.get("_source", "config")}
+    return {**job.as_dict(), "_source": config.get("_source", "config")}
 
 
 def validate_space(space: SearchSpace, base_config: Mapping[str, Any]) -> None:

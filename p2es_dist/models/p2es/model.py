@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from p2es_dist.constants import N_LEADS, WINDOW
+from p2es_dist.constants import LEAD_INDEX, N_LEADS, WINDOW
 from p2es_dist.models.base import (
     Batch,
     GenerationOptions,
@@ -21,7 +21,14 @@ from p2es_dist.models.base import (
     template_leads,
     with_calibration,
 )
-from p2es_dist.models.leads import N_INDEPENDENT, expand_leads, independent_from_recorded
+from p2es_dist.models.leads import (
+    INDEPENDENT_LEADS,
+    N_INDEPENDENT,
+    determined_leads,
+    expand_leads,
+    impose_given_leads,
+    independent_from_recorded,
+)
 from p2es_dist.models.p2es.affinity import LeadAffinity
 from p2es_dist.models.p2es.conditioning import Conditioner, Context
 from p2es_dist.models.p2es.config import P2EsConfig
@@ -52,9 +59,10 @@ class P2Es(TranslationModel):
     leads (so II + aVR determine I; a lead nothing determines is 0 and, like every unrecorded lead, is
     masked out of the loss). The loss is the MSE of x0 (or v) on recorded leads only, after expanding
     the prediction to 12 leads, plus `contrastive_weight` x the affinity embedding's contrastive loss.
-    Unless the batch names `cond_leads`, a `cond_lead_prob` fraction of windows gets a random subset of
-    its recorded leads as input, so the same model answers `--condition II`. Leads a window gets as
-    input are no target: they leave the loss mask (a window whose only recorded lead is given adds 0).
+    Unless the batch names `cond_leads` (the loader's `condition_leads`, or one of `condition_subsets`
+    per window), a `cond_lead_prob` fraction of windows gets a random subset of its recorded leads as
+    input, so the same model answers `--condition II`. Leads a window gets as input are no target:
+    they leave the loss mask (a window whose only recorded lead is given adds 0).
     With `use_template`, training hides the calibration template of a `template_dropout` fraction of
     windows, so the same model answers with and without calibration.
 
@@ -70,6 +78,9 @@ class P2Es(TranslationModel):
     (default `sample_steps`, any <= T); `sampler="ancestral"`: the posterior q(x_s | x_t, x0_hat) with
     fresh noise, all T steps by default. Noise comes from a `torch.Generator` seeded with `seed`, so a
     call is reproducible; `n_samples` draws are averaged (a point estimate) unless `return_samples=True`.
+    Generated leads that the given ones fix (`known_state`) keep their recorded values in every step's x0
+    estimate, so the other leads are drawn alongside the true ones; the output then passes through
+    `leads.impose_given_leads` (`TranslationModel`).
     """
 
     stochastic = True
@@ -197,6 +208,18 @@ class P2Es(TranslationModel):
         return self.affinity.initialise(batches, seed=seed, max_windows=max_windows)
 
     # --- sampling ---------------------------------------------------------------------------------
+    def known_state(self, batch: Batch, given: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(B, out_leads) bool generated leads that the given leads fix (`leads.determined_leads`) and
+        (B, out_leads, L) their values; None when the model reads no leads or none is given."""
+        if not self.config.condition_on_leads or not bool(given.any()):
+            return None
+        ecg = torch.where(given[:, :, None], batch["ecg"].float(), torch.zeros_like(batch["ecg"], dtype=torch.float))
+        fixed, values = determined_leads(given), impose_given_leads(torch.zeros_like(ecg), ecg, given)
+        if self.config.lead_physics:
+            rows = [LEAD_INDEX[lead] for lead in INDEPENDENT_LEADS]
+            return fixed[:, rows], values[:, rows]
+        return fixed, values
+
     def generation_options(self, options: GenerationOptions | None = None) -> GenerationOptions:
         """`options` with the config's defaults: `sampler`, then `sample_steps` (DDIM) or all T (ancestral)."""
         options = options or GenerationOptions()
@@ -224,7 +247,9 @@ class P2Es(TranslationModel):
         grid = self.schedule.sampling_timesteps(steps)
         if self.config.use_template:
             batch = self.population.fill(with_calibration(batch, options))
-        context, affinity, _ = self.condition(batch, condition_leads(batch))
+        given = condition_leads(batch)
+        context, affinity, _ = self.condition(batch, given)
+        known = self.known_state(batch, given)
         prior = self.template_prior(batch)
         batch_size, length = batch["ecg_mask"].shape[0], batch["ppg"].shape[-1]
         device = batch["ppg"].device
@@ -236,6 +261,8 @@ class P2Es(TranslationModel):
                 t = torch.full((batch_size,), t_now, device=device, dtype=torch.long)
                 s = torch.full((batch_size,), t_next, device=device, dtype=torch.long)
                 _, x0_hat = self.predict(x, t, context, affinity, prior)
+                if known is not None:  # x0 replacement: what the given leads fix is not guessed
+                    x0_hat = torch.where(known[0][:, :, None], known[1].to(x0_hat.dtype), x0_hat)
                 if t_next == 0:
                     x = x0_hat
                 elif sampler == "ddim":
