@@ -22,7 +22,7 @@ NO_DATA_REASON = f"real PhysioNet data not found at {DATA_ROOT} (see ../shared/d
 FAST = os.environ.get("P2ES_FAST") == "1"
 # Fixtures (anywhere in a test's fixture closure) that put it in a lane: Ray, the object store, real data.
 FIXTURE_MARKS = {"ray_local": ("ray", "s3"), "s3_store": ("s3",), "s3_bucket": ("s3",), "data_root": ("real_data",),
-                 "bidmc_batch": ("real_data",)}
+                 "bidmc_batch": ("real_data",), "multinode_cluster": ("ray", "s3", "multinode")}
 # Calls in a test's (or one of its fixtures') own source that read ../shared/data.
 DATA_CALLS = ("require_data(", "bidmc_windows_table(")
 
@@ -35,6 +35,11 @@ def _calls_data(function, cache: dict) -> bool:
             source = ""
         cache[function] = any(call in source for call in DATA_CALLS)
     return cache[function]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "multinode: starts a Ray cluster of several nodes on this machine "
+                            "(tests/test_multinode.py)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
