@@ -82,39 +82,46 @@ class LocalCluster:
         import ray
         from ray.cluster_utils import Cluster
 
-        port = free_port()
-        # Every process of the cluster inherits RAY_ADDRESS (Ray Train's helpers look the cluster up by
-        # it, see jobs/common.start_local_ray), and RAY_TMPDIR keeps Ray's "current cluster" file in
-        # this cluster's temp dir instead of /tmp/ray, where other Rays on the machine would read it.
-        self.address = f"{ray.util.get_node_ip_address()}:{port}"
-        with environ(RAY_ADDRESS=self.address, RAY_TMPDIR=self.temp_dir):
-            self.cluster = Cluster(initialize_head=True, head_node_args=dict(
-                num_cpus=1, resources={"head": 1}, temp_dir=self.ray_dir, gcs_server_port=port,
-                include_dashboard=False, dashboard_agent_listen_port=free_port(),
-                object_store_memory=200 * 1024**2,
-                # A dead node is declared dead after ~3 s instead of ~15 s.
-                _system_config={"health_check_period_ms": 1000, "health_check_failure_threshold": 3}))
-        self.nodes["head"] = self.cluster.head_node
+        def head(temp_dir: str):
+            port = free_port()
+            # Every process of the cluster inherits RAY_ADDRESS (Ray Train's helpers look the cluster up by
+            # it, see jobs/common.start_local_ray).
+            self.address = f"{ray.util.get_node_ip_address()}:{port}"
+            with environ(RAY_ADDRESS=self.address, RAY_TMPDIR=self.temp_dir):
+                self.cluster = Cluster(initialize_head=True, head_node_args=dict(
+                    num_cpus=1, resources={"head": 1}, temp_dir=temp_dir, gcs_server_port=port,
+                    # The dashboard serves the State API, which Ray Train's placement-group cleaner asks.
+                    include_dashboard=True, dashboard_port=free_port(), dashboard_agent_listen_port=free_port(),
+                    object_store_memory=200 * 1024**2,
+                    # A dead node is declared dead after ~3 s instead of ~15 s.
+                    _system_config={"health_check_period_ms": 1000, "health_check_failure_threshold": 3}))
+            return self.cluster.head_node
 
-    @property
-    def ray_dir(self) -> str:
-        return os.path.join(self.temp_dir, "ray")
+        self.nodes["head"] = self._start("head", head)
 
     def add_worker(self, name: str) -> None:
+        def worker(temp_dir: str):
+            with environ(RAY_ADDRESS=self.address, RAY_TMPDIR=self.temp_dir):
+                return self.cluster.add_node(num_cpus=WORKER_CPUS, resources={name: 1}, temp_dir=temp_dir,
+                                             object_store_memory=200 * 1024**2)
+
+        self.nodes[name] = self._start(name, worker)
+
+    def _start(self, name: str, start: Callable[[str], object]) -> object:
+        """`start(temp dir)`, tried twice. Each node (and each try) has its own temp dir, which names its
+        processes. RAY_TMPDIR keeps Ray's "current cluster" file in this cluster's folder, not in /tmp/ray
+        where other Rays on the machine read it."""
         for attempt in (1, 2):
-            # Each node (and each try) has its own temp dir, so its processes are found by it.
             temp_dir = os.path.join(self.temp_dir, f"{name}-{attempt}")
             try:
-                with environ(RAY_ADDRESS=self.address, RAY_TMPDIR=self.temp_dir):
-                    self.nodes[name] = self.cluster.add_node(num_cpus=WORKER_CPUS, resources={name: 1},
-                                                             temp_dir=temp_dir, object_store_memory=200 * 1024**2)
-                return
+                return start(temp_dir)
             except Exception as exc:
                 # Ray gives a raylet 30 s to register (ray/_private/node.py); a machine whose CPUs are taken by
                 # other jobs can miss that once. Whatever that try started goes, then one more try.
                 if "timed out during startup" not in str(exc) or attempt == 2:
                     raise
                 kill_processes(temp_dir)
+        raise AssertionError("unreachable")
 
     def alive_workers(self) -> list[str]:
         return [name for name in self.nodes if name != "head" and name not in self.killed]
@@ -153,9 +160,9 @@ class LocalCluster:
     def job(self, module: str, *args: str, log: Path) -> subprocess.Popen:
         """`python -m p2es_dist.jobs.<module> ...` as a driver on this cluster (on the head's node)."""
         env = {**os.environ, "RAY_ADDRESS": self.address, "P2ES_LOG_LEVEL": "INFO"}
-        handle = log.open("w")
-        return subprocess.Popen([sys.executable, "-m", f"p2es_dist.jobs.{module}", *args], cwd=REPO_ROOT, env=env,
-                                stdout=handle, stderr=subprocess.STDOUT, text=True)
+        with log.open("w") as handle:  # the job writes through its own copy of the descriptor
+            return subprocess.Popen([sys.executable, "-m", f"p2es_dist.jobs.{module}", *args], cwd=REPO_ROOT,
+                                    env=env, stdout=handle, stderr=subprocess.STDOUT, text=True)
 
     def shutdown(self) -> None:
         if self.cluster is not None:
@@ -315,6 +322,7 @@ def test_training_survives_losing_the_node_of_rank_1(multinode_cluster, ingested
         return int(((snapshot.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("step", 0))
 
     step_at_kill = wait_for(latest_step, job, log, "the first checkpoint")
+    checkpointed_after = time.monotonic() - begin
     attempts = uri.ls(f"{run_uri}/attempts", suffix=".json")
     assert len(attempts) == 1
     rank0_pid = s3_json(attempts[0])["pid"]
@@ -336,8 +344,8 @@ def test_training_survives_losing_the_node_of_rank_1(multinode_cluster, ingested
     # The restarted group ran on the surviving worker node and the replacement, never on the dead one.
     restarted = {w["node"] for w in cluster.train_workers() if w["start"] > killed_at}
     assert restarted == set(cluster.alive_workers()), restarted
-    print(f"train: {rank1_node} (rank 1) killed at checkpoint step {step_at_kill}; resumed from step {restored}, "
-          f"{summary['steps']} steps, {summary['failures']} failure, {duration:.0f} s")
+    print(f"train: {rank1_node} (rank 1) killed at checkpoint step {step_at_kill} after {checkpointed_after:.0f} s; "
+          f"resumed from step {restored}, {summary['steps']} steps, {summary['failures']} failure, {duration:.0f} s")
 
 
 # ---------------------------------------------------------------------------------------------------------

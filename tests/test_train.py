@@ -1,6 +1,7 @@
 """Training: config errors name the key, every shipped config parses, and a killed worker resumes."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from p2es_dist.config import load_config, packaged_config_path
 from p2es_dist.errors import ConfigError
 from p2es_dist.train.config import TrainSection, parse_job_config
-from p2es_dist.train.engine import lr_scheduler
+from p2es_dist.train.engine import STALE_BUILD_LOCK_S, clear_stale_build_locks, lr_scheduler
 
 SHIPPED = ["smoke", "p2es_bidmc", "unet_bidmc", "dct_bidmc", "li2021_bidmc", "p2es_lead2", "p2es_anysubset",
            "unet_anysubset", "classifier"]
@@ -131,3 +132,23 @@ def test_config_is_parsed_once_typed_and_handed_to_the_workers(monkeypatch):
     monkeypatch.setattr("p2es_dist.data.loader.training_datasets", lambda data: {})
     built_trainer = trainer.build_torch_trainer(job, name="once")
     assert parses == [] and built_trainer.train_loop_config["job"] is job
+
+
+def test_a_build_lock_left_by_a_killed_op_build_is_removed_and_a_live_one_kept(tmp_path, monkeypatch, caplog):
+    """torch waits for ever on an extension's `lock`; one older than any build is removed (DeepSpeed's CPU op
+    then rebuilds), one a build may still hold is left alone."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, live = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (stale, live):
+        lock.parent.mkdir()
+        lock.touch()
+    old = stale.stat().st_mtime - STALE_BUILD_LOCK_S - 60
+    os.utime(stale, (old, old))
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"kept")
+
+    with caplog.at_level("WARNING", logger="p2es.train"):
+        assert clear_stale_build_locks() == [stale]
+    assert not stale.exists() and live.exists()
+    assert (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").exists()
+    assert "stale build lock" in caplog.text
+    assert clear_stale_build_locks() == []

@@ -7,7 +7,9 @@ weights-only (`checkpoint_manifest`): resuming or consolidating never runs code 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,11 @@ from p2es_dist.train.config import TrainSection
 
 CHECKPOINT_TAG = "checkpoint"
 TRAIN_STATE = "train_state.json"
+# DeepSpeed compiles its CPU shared-memory all-reduce op on first use (seconds to a few minutes); a build
+# lock older than this was left by a build that was killed, and torch would wait on it for ever.
+STALE_BUILD_LOCK_S = 600.0
+
+log = logging.getLogger("p2es.train")
 
 
 class LossModule(nn.Module):
@@ -77,10 +84,38 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) -> torch
     return SequentialLR(optimizer, [warmup, decay, floor], milestones=[warmup_steps, warmup_steps + decay_steps])
 
 
+def clear_stale_build_locks(*, max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove torch-extension build locks older than `max_age_s`, warning for each; return them.
+
+    torch's `FileBaton` waits without limit on the `lock` file of an extension being built. A build that was
+    killed (Ctrl-C, a preempted node, a test timeout) leaves the file behind, and every later DeepSpeed
+    start then hangs silently in `init_distributed`.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time()
+    removed = []
+    # <root>/<extension>/lock with TORCH_EXTENSIONS_DIR, <root>/<py311_cpu>/<extension>/lock without
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        try:
+            age = now - lock.stat().st_mtime
+            if age > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                log.warning("removed a stale build lock %s (%.0f min old): an earlier build of this op was "
+                            "killed; it is rebuilt now", lock, age / 60)
+        except FileNotFoundError:  # another process finished or removed it meanwhile
+            continue
+    return removed
+
+
 def build_engine(model: nn.Module, train: TrainSection, *, batch_size: int):
-    """A DeepSpeed engine around `LossModule(model)` with a plain torch AdamW (no op compilation)."""
+    """A DeepSpeed engine around `LossModule(model)` with a plain torch AdamW (DeepSpeed itself still
+    compiles its CPU communication op once per machine; see `clear_stale_build_locks`)."""
     if not train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    clear_stale_build_locks()
     import deepspeed
 
     wrapped = LossModule(model)
