@@ -23,10 +23,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# The unit lane: no Ray, no object store, no ../shared/data (tests/conftest.py adds those markers from the
+# The unit lane: no Ray, no object store, no ../shared/data, no `slow` unit test (tests/conftest.py adds the
+# first three markers from the
 # fixtures and calls a test uses). Under 2 minutes on 2 cores.
 test-fast: $(STAMP)
-	P2ES_FAST=1 $(BIN)/python -m pytest -q -m "not ray and not s3 and not real_data"
+	P2ES_FAST=1 $(BIN)/python -m pytest -q -m "not ray and not s3 and not real_data and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check p2es_dist tests

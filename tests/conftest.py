@@ -17,7 +17,7 @@ NO_DATA_REASON = f"real PhysioNet data not found at {DATA_ROOT} (see ../shared/d
 
 
 
-# The unit lane (`make test-fast`): `-m "not ray and not s3 and not real_data"`, and P2ES_FAST=1 so that a
+# The unit lane (`make test-fast`): `-m "not ray and not s3 and not real_data and not slow"`, and P2ES_FAST=1 so that a
 # test reaching ../shared/data through a helper the marking below cannot see still skips instead of reading it.
 FAST = os.environ.get("P2ES_FAST") == "1"
 # Fixtures (anywhere in a test's fixture closure) that put it in a lane: Ray, the object store, real data.
@@ -38,6 +38,8 @@ def _calls_data(function, cache: dict) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: a unit test of more than ~5 s on 2 cores (DeepSpeed engines in "
+                            "subprocesses, bootstraps, retry back-offs); in `make test`, not in `make test-fast`")
     config.addinivalue_line("markers", "multinode: starts a Ray cluster of several nodes on this machine "
                             "(tests/test_multinode.py)")
 
@@ -66,6 +68,16 @@ def require_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{NO_DATA_REASON}; needs {'/'.join(parts)}")
     return path
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: a second torch thread only waits for a busy core (tens of
+    times slower on a loaded machine). Restores the count after (benches set one thread for the process)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

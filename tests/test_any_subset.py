@@ -33,14 +33,7 @@ def draw(window_ids, recorded, subsets=SUBSETS, seed=0):
     return draw_condition_leads(list(window_ids), np.asarray(recorded), parse_condition_subsets(subsets), seed)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second torch thread only waits for a busy core (tens of times slower on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 # --- the draw -------------------------------------------------------------------------------------
 def test_draw_is_per_window_whatever_the_blocks() -> None:

@@ -17,13 +17,6 @@ from p2es_dist.models.student import Student, StudentConfig
 KEYS = {"bench", "student_ms_per_window", "teacher_ms_per_window", "speedup", "student_bytes", "onnx_max_abs_diff"}
 
 
-@pytest.fixture()
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # the bench sets one thread for the process
-
-
 def test_bench_infer_prints_one_json_line(tmp_path, capsys, one_torch_thread):
     torch.manual_seed(0)
     student = Student(config=StudentConfig(channels=8, c1_channels=5))

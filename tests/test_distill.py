@@ -24,15 +24,7 @@ from p2es_dist.models.base import GenerationOptions, count_parameters
 from p2es_dist.models.checkpoint import load_model, save_checkpoint
 from p2es_dist.models.student import Student, StudentConfig
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine run ~10x faster on one thread than fighting over two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 def trained_looking(config: StudentConfig | None = None, seed: int = 0) -> Student:
     """A student with a non-zero generation layer (a fresh one outputs exactly zero)."""

@@ -213,6 +213,7 @@ def busy_endpoint(monkeypatch):
     server.shutdown()
 
 
+@pytest.mark.slow
 def test_s3_clients_retry_a_busy_store(busy_endpoint, monkeypatch):
     import botocore.retries.standard
 

@@ -43,14 +43,7 @@ DATA_KEYS_FOR_HARDWARE = {"batch_size", "shuffle_buffer", "prefetch_batches"}
 ZERO2_MIN_PARAMETERS = 1_000_000  # the configs' rule: ZeRO-2 on 8 GPUs from 1 M parameters, else plain DP
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny batches gain nothing from threads, and on a shared 2-core runner threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 def world_of(name: str) -> int:
     return 8 if name.endswith("_8gpu") else 1
@@ -226,6 +219,7 @@ def test_model_builds_and_trains_one_step_on_cpu_in_fp32(name):
         {torch.float32}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SINGLE)
 def test_every_op_of_the_model_takes_bf16_autocast(name):
     """What CPU autocast can say about bf16 (its op lists are close to CUDA's, not equal): no op refuses bf16
@@ -273,6 +267,7 @@ ENGINE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_zero2_bf16_engine_of_the_gpu_check_steps_on_cpu():
     """DeepSpeed accepts the dict and steps: autocast gives bf16 convolutions, weights stay fp32 and move.
     A subprocess, so DeepSpeed's process group and DS_ACCELERATOR stay out of this one."""
@@ -320,6 +315,7 @@ def test_bench_train_on_cuda_without_cuda_is_a_user_error():
         main(["--config", "gpu/smoke_1gpu", "--device", "cuda"])
 
 
+@pytest.mark.slow
 def test_allreduce_harness_sums_across_two_processes_and_reports_failures():
     """The nccl check's harness with gloo on CPU tensors (fp32 and bf16); NCCL on CPU tensors must fail."""
     from p2es_dist.bench.gpu_check import run_allreduce

@@ -110,6 +110,7 @@ RESUME_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_deepspeed_checkpoint_resume_keeps_the_schedule():
     """DeepSpeed saves and restores the scheduler state (and, under ZeRO-2, the partitioned optimizer's
     current LR the cosine phase steps from); the resumed engine continues the same LRs. A subprocess, so

@@ -126,6 +126,7 @@ def test_select_l2_follows_the_cross_validated_auroc() -> None:
     assert select_l2(x, y, one_positive_subject) == (DEFAULT_L2, None)
 
 
+@pytest.mark.slow
 def test_bootstrap_resamples_subjects_not_windows() -> None:
     rng = np.random.default_rng(0)
     n = 60

@@ -29,13 +29,7 @@ from p2es_dist.models.student import Student, StudentConfig
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 def profile(pat_s: float, leads: tuple[str, ...], *, width: float, seed: int) -> CalibrationProfile:
     """A calibration profile with a QRS + T beat of `width` samples on `leads`."""

@@ -118,6 +118,7 @@ def test_s3_missing_bucket_and_bad_secret(s3_store, monkeypatch):
     uri.rm("s3://p2es-denied", recursive=True)
 
 
+@pytest.mark.slow
 def test_unreachable_endpoint_is_one_line_without_secret(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "P2ESTESTKEY")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SENTINEL-secret-never-shown")
