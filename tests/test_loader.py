@@ -30,9 +30,39 @@ def test_split_filter_and_model_space(synthetic_shards):
         batches = _collect(model_space_dataset(config, split=split, training=False))
         counts[split] = sum(len(b["ecg"]) for b in batches)
         for b in batches:
-            assert b["ecg"].shape[1:] == (12, 1024) and b["ecg"].dtype == np.float16  # widened by torch_batches
+            assert b["ecg"].shape[1:] == (12, 1024) and b["ecg"].dtype == np.float32
             assert np.abs(b["ecg"]).max() <= 1.0 + 1e-6 and np.abs(b["ppg"]).max() <= 1.0 + 1e-6
     assert sum(counts.values()) == 600 and counts["train"] > counts["val"] > 0
+
+
+@pytest.mark.parametrize(("split", "min_quality"), [("all", 0.0), ("train", 0.0), (["val", "test"], 0.5)])
+def test_ray_source_reads_exactly_the_rows_pyarrow_reads(synthetic_shards, split, min_quality):
+    """`read_windows` (planned from the manifests) and `read_table` (pyarrow) agree row for row, every shard
+    read once, in at most 2 tasks per CPU, and each row names its shard."""
+    import pyarrow.dataset as ds
+
+    from p2es_dist.data.ray_source import read_task_count
+    from p2es_dist.data.read import read_table, read_windows, shard_paths
+
+    columns = ["window_id", "split", "quality"]
+    dataset = read_windows([synthetic_shards], columns, split=split, min_quality=min_quality, include_paths=True)
+    rows = [row for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow") for row in block.to_pylist()]
+    where = ds.field("quality") >= min_quality if min_quality else None
+    expected = read_table([synthetic_shards], columns, split=split, where=where).to_pylist()
+    assert 0 < len(rows) == len(expected)
+    assert sorted(r["window_id"] for r in rows) == sorted(r["window_id"] for r in expected)  # none twice
+    assert {(r["window_id"], r["split"], r["quality"]) for r in rows} == \
+        {(r["window_id"], r["split"], r["quality"]) for r in expected}
+    _, paths = shard_paths([synthetic_shards])
+    assert {r["path"] for r in rows} <= set(paths)
+    assert read_task_count(len(paths)) == min(len(paths), 2 * 2)  # ray_local has 2 CPUs
+
+
+def test_a_shard_without_a_read_column_is_a_clear_error(synthetic_shards):
+    from p2es_dist.data.read import read_windows
+
+    with pytest.raises(UserError, match="no column 'teacher_ecg'"):
+        read_windows([synthetic_shards], ["window_id", "teacher_ecg"])
 
 
 def test_training_datasets_never_include_test(synthetic_shards):

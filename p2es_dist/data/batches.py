@@ -119,10 +119,13 @@ def calibration_templates(table: pa.Table, upstrokes: np.ndarray) -> tuple[np.nd
     usable &= upstrokes[:, 0] != timing.UPSTROKE_PAD
     templates = np.zeros((n, N_LEADS, WINDOW), dtype=np.float32)
     mask = beat_mask & usable[:, None]
-    for i in np.flatnonzero(mask.any(axis=1)):
+    rows = np.flatnonzero(mask.any(axis=1))
+    for i in rows:
         # Padding lies past any window, so rendering leaves it out.
         templates[i] = timing.template_from_upstrokes(beats[i], upstrokes[i], pat[i], WINDOW)
-    return timing.normalise_template(templates, mask) * mask[:, :, None], mask
+    # Rows without a template stay zeros: only the others are scaled (the costliest pass over the block).
+    templates[rows] = timing.normalise_template(templates[rows], mask[rows]) * mask[rows][:, :, None]
+    return templates, mask
 
 
 MAX_UPSTROKES = 48  # per window with its margins (~10 s): 4.8 pulses/s would be 288 bpm

@@ -44,8 +44,7 @@ from p2es_dist.data.read import calibration_available, read_windows
 from p2es_dist.data.schema import CALIBRATION_COLUMNS
 from p2es_dist.errors import ConfigError, UserError
 
-TRANSPORT_FLOAT16 = ("ecg", "ppg", "template")
-
+BLOCK_BYTES = 16 * 1024**2  # Ray Data blocks of model-space windows (~160 windows)
 # Columns a model batch needs; `window_id` only seeds augmentation and is dropped after conversion.
 READ_COLUMNS = ["window_id", "split", "subject_id", "ppg", "ecg", "ecg_mask", "age", "sex", "labels", "quality"]
 # Read besides when every manifest is of shard schema 2 or later; batches then carry `template(_mask)` and
@@ -178,8 +177,9 @@ def convert_block(table: pa.Table, *, augment: AugmentConfig | None = None, seed
     `condition_leads`: the same input leads for every window; `condition_subsets` (normalised by
     `parse_condition_subsets`): one drawn per window (`draw_condition_leads`). Either sets `cond_leads`.
 
-    Signals leave as float16, the precision the shards store them in: half the bytes through Ray's
-    object store. `torch_batches` widens them to float32 on the consumer.
+    Signals leave as float32, what the models read: casting to float16 for the object store and back cost
+    more CPU than the bytes it saved (numpy converts float16 without SIMD; `p2es bench data` on 2 cores
+    went from ~2,300 to ~2,600 windows/s without it).
     """
     batch = table_to_batch(table)
     if augment is not None and augment.enabled and len(table):
@@ -188,9 +188,6 @@ def convert_block(table: pa.Table, *, augment: AugmentConfig | None = None, seed
         rows = [augment_batch({k: v[i : i + 1] for k, v in batch.items()}, augment, seed=s)
                 for i, s in enumerate(seeds)]
         batch = {key: np.concatenate([row[key] for row in rows]) for key in batch}
-    for key in TRANSPORT_FLOAT16 + ("teacher_ecg",):
-        if key in batch:
-            batch[key] = batch[key].astype(np.float16)
     if condition_leads:
         chosen = np.isin(np.array(LEADS), condition_leads)
         batch["cond_leads"] = batch["ecg_mask"] & chosen[None, :]
@@ -200,20 +197,28 @@ def convert_block(table: pa.Table, *, augment: AugmentConfig | None = None, seed
     return batch
 
 
+def read_columns(config: LoaderConfig) -> list[str]:
+    """The shard columns a model batch is made from (`convert_block`), for these shard folders."""
+    calibrated = calibration_available(config.uris)
+    columns = READ_COLUMNS + (CALIBRATION_READ_COLUMNS if calibrated else [])
+    # Teacher outputs (distillation) say per window whether the teacher saw its template.
+    return columns + ((["teacher_ecg"] + (["template_hidden"] if calibrated else [])) if config.teacher_ecg else [])
+
+
 def model_space_dataset(config: LoaderConfig, *, split: str, training: bool):
     """A Ray Dataset of model-space numpy batches for one split; augmentation only when `training`."""
     unknown = sorted(set(config.condition_leads) - set(LEADS))
     if unknown:
         raise UserError(f"data.condition_leads: unknown lead {unknown[0]!r} (expected some of {', '.join(LEADS)})")
-    calibrated = calibration_available(config.uris)
-    columns = READ_COLUMNS + (CALIBRATION_READ_COLUMNS if calibrated else [])
-    # Teacher outputs (distillation) say per window whether the teacher saw its template.
-    columns += (["teacher_ecg"] + (["template_hidden"] if calibrated else [])) if config.teacher_ecg else []
+    columns = read_columns(config)
     # The shard path rides along so that a corrupt window is named with its shard (`refuse_non_finite`).
     dataset = read_windows(config.uris, columns, split=split, min_quality=config.min_quality, include_paths=True)
     # Ray Data would wrap that UserError in a bare "UDF failed" (its message lost on the way to the driver);
     # this dataset's own context lets it through, so the CLI's one line names the window.
     dataset.context.raise_original_map_exception = True
+    # Ray holds a task's output until 128 MiB have gathered: ~3 shards of model-space windows (100 KB each),
+    # so every epoch waited ~1.5 s for its first batch. At 16 MiB it is ~0.6 s (`p2es bench data`).
+    dataset.context.target_max_block_size = BLOCK_BYTES
     return dataset.map_batches(
         convert_block,
         batch_format="pyarrow",

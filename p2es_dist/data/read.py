@@ -138,21 +138,17 @@ def iter_tables(uris: Sequence[str], columns: Sequence[str], *, split: Split = N
 def read_windows(uris: Sequence[str], columns: Sequence[str], *, split: Split = None, min_quality: float = 0.0,
                  include_paths: bool = False, option: str = "data.uris"):
     """Shard rows as a Ray Dataset, filtered to a split (pushed down into the Parquet scan). `include_paths`
-    adds each row's shard as `path`, for errors that name it."""
+    adds each row's shard as `path`, for errors that name it. Planned from the manifests alone
+    (`data/ray_source.ShardSource`)."""
     import ray.data
-    from ray.data.expressions import col, lit
 
-    filesystem, paths = shard_paths(uris, option=option)
-    columns = list(columns) + (["path"] if include_paths else [])
-    dataset = ray.data.read_parquet(paths, filesystem=filesystem, include_paths=include_paths)
-    dataset = dataset.select_columns(columns)
-    splits = _splits(split)
-    if splits is not None:
-        wanted = None
-        for name in splits:
-            match = col("split") == lit(name)
-            wanted = match if wanted is None else wanted | match
-        dataset = dataset.filter(expr=wanted)
+    from p2es_dist.data.ray_source import ShardSource, read_task_count
+
+    row_filter = split_filter(split)
     if min_quality > 0:
-        dataset = dataset.filter(expr=col("quality") >= lit(min_quality))
-    return dataset
+        row_filter = _both(row_filter, ds.field("quality") >= min_quality)
+    filesystem, paths = shard_paths(uris, option=option)
+    rows = [int(shard["rows"]) for folder in uris for shard in read_manifest(folder, option=option)["shards"]]
+    with uri_lib.storage_errors(",".join(uris)):
+        source = ShardSource(filesystem, paths, rows, columns, row_filter=row_filter, include_paths=include_paths)
+    return ray.data.read_datasource(source, override_num_blocks=read_task_count(len(paths)))

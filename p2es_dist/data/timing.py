@@ -189,9 +189,10 @@ def template_from_upstrokes(beat: np.ndarray, upstrokes: np.ndarray, pat_s: floa
 def normalise_template(template: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Scale a (..., 12, L) template so max |x| over its leads is 1 per window, like model-space ECG."""
     template = np.asarray(template, dtype=np.float32)
-    masked = np.where(np.asarray(mask, dtype=bool)[..., None], np.abs(template), 0.0)
-    peak = masked.max(axis=(-2, -1), keepdims=True)
-    return np.where(peak > 0, template / np.where(peak > 0, peak, 1.0), 0.0).astype(np.float32)
+    # max and -min per lead, then the mask on (..., 12): no |x| copy of the whole block (`ecg_scale` too).
+    peak_per_lead = np.maximum(template.max(axis=-1), -template.min(axis=-1))
+    peak = np.where(np.asarray(mask, dtype=bool), peak_per_lead, 0.0).max(axis=-1)[..., None, None]
+    return np.where(peak > 0, template / np.where(peak > 0, peak, 1.0), 0.0).astype(np.float32, copy=False)
 
 
 def upstroke_margin() -> tuple[int, int]:
