@@ -80,9 +80,14 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local(s3_store):
-    """One local Ray runtime for the whole session (starting Ray costs seconds).
+    """One local Ray runtime per test module (starting Ray costs seconds).
+
+    Not one for the whole session: in two fresh-clone `make test` runs, a Ray kept for the whole suite lost
+    its GCS ~16 min after it started (during Ray Train's teardown in test_train.py; no OOM, no crash trace),
+    and 60 s later Ray's core worker ended pytest with exit code 1 and no summary. The same modules on a
+    fresh Ray pass.
 
     It depends on the object store so that the S3 endpoint and credentials are in the environment
     before Ray starts: its worker processes inherit the environment of that moment. It is this session's
