@@ -42,10 +42,10 @@ def scan_shards(filesystem: pa.fs.FileSystem, paths: Sequence[str], columns: Seq
 
 
 class ShardSource(Datasource):
-    """`paths` (with `rows` each, from the manifests) read in `count` tasks, shards dealt round robin so that
-    a record's neighbouring shards land in different tasks."""
+    """`paths` (with `rows` each, from the manifests; None where unknown) read in `count` tasks, shards dealt
+    round robin so that a record's neighbouring shards land in different tasks."""
 
-    def __init__(self, filesystem: pa.fs.FileSystem, paths: Sequence[str], rows: Sequence[int],
+    def __init__(self, filesystem: pa.fs.FileSystem, paths: Sequence[str], rows: Sequence[int | None],
                  columns: Sequence[str], *, row_filter: ds.Expression | None = None, include_paths: bool = False):
         super().__init__()
         self.filesystem, self.paths, self.rows = filesystem, list(paths), list(rows)
@@ -57,18 +57,20 @@ class ShardSource(Datasource):
                             "`p2es ingest`? ingest it again)")
         self.row_bytes = row_bytes(first, self.columns)
 
-    def estimate_inmemory_data_size(self) -> int:
-        return sum(self.rows) * self.row_bytes
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None if None in self.rows else sum(self.rows) * self.row_bytes
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         count = max(1, min(parallelism, len(self.paths)))
         tasks = []
         for group in range(count):
-            paths, rows = self.paths[group::count], sum(self.rows[group::count])
+            paths, listed = self.paths[group::count], self.rows[group::count]
+            rows = None if None in listed else sum(listed)
             # Rows are known only without a filter; bytes are an upper bound either way.
             metadata = BlockMetadata(num_rows=None if self.row_filter is not None else rows,
-                                     size_bytes=rows * self.row_bytes, exec_stats=None, input_files=paths)
+                                     size_bytes=None if rows is None else rows * self.row_bytes, exec_stats=None,
+                                     input_files=paths)
             read = functools.partial(scan_shards, self.filesystem, paths, self.columns, self.row_filter,
                                      self.include_paths)
             tasks.append(ReadTask(read, metadata, per_task_row_limit=per_task_row_limit))

@@ -41,19 +41,28 @@ def read_manifest(folder: str, *, option: str = "data.uris") -> dict:
 
 def shard_paths(uris: Sequence[str], *, option: str = "data.uris") -> tuple[pa.fs.FileSystem, list[str]]:
     """The pyarrow filesystem and every shard path listed by the manifests under `uris`."""
+    filesystem, paths, _ = manifest_shards(uris, option=option)
+    return filesystem, paths
+
+
+def manifest_shards(uris: Sequence[str], *,
+                    option: str = "data.uris") -> tuple[pa.fs.FileSystem, list[str], list[int | None]]:
+    """`shard_paths` and the rows of each shard as the manifests list them (None where a manifest written
+    by hand leaves them out), reading each manifest once."""
     if not uris:
         raise UserError(f"{option}: expected at least one shard folder (the --output of `p2es ingest`)")
     if len({uri_lib.is_s3(u) for u in uris}) > 1:
         raise UserError(f"{option}: mix local folders and s3:// in separate runs, got {list(uris)}")
-    filesystem, paths = None, []
+    filesystem, paths, rows = None, [], []
     for folder in uris:
         for shard in read_manifest(folder, option=option)["shards"]:
             fs, path = uri_lib.pyarrow_filesystem(uri_lib.join(folder, shard["path"]))
             filesystem = filesystem or fs
             paths.append(path)
+            rows.append(int(shard["rows"]) if "rows" in shard else None)
     if not paths:
         raise UserError(f"{option}: the manifests under {list(uris)} list no shards")
-    return filesystem, paths
+    return filesystem, paths, rows
 
 
 def calibration_available(uris: Sequence[str]) -> bool:
@@ -147,8 +156,7 @@ def read_windows(uris: Sequence[str], columns: Sequence[str], *, split: Split = 
     row_filter = split_filter(split)
     if min_quality > 0:
         row_filter = _both(row_filter, ds.field("quality") >= min_quality)
-    filesystem, paths = shard_paths(uris, option=option)
-    rows = [int(shard["rows"]) for folder in uris for shard in read_manifest(folder, option=option)["shards"]]
+    filesystem, paths, rows = manifest_shards(uris, option=option)
     with uri_lib.storage_errors(",".join(uris)):
         source = ShardSource(filesystem, paths, rows, columns, row_filter=row_filter, include_paths=include_paths)
     return ray.data.read_datasource(source, override_num_blocks=read_task_count(len(paths)))
