@@ -54,6 +54,8 @@ def test_bidmc_ingest_manifest_matches_shards(ray_local, tmp_path):
     assert manifest["n_records_ok"] == 42 and manifest["n_records_quarantined"] == 1
     assert sum(manifest["n_windows"].values()) == _read_rows(output) == sum(s["rows"] for s in manifest["shards"])
     assert all(s["rows"] <= 1000 for s in manifest["shards"])
+    # Paired records carry a calibration beat (from their first 60 s) on every window of the record.
+    assert all(0 < s["calibrated_rows"] <= s["rows"] for s in manifest["shards"])
     assert sum(manifest["n_subjects"].values()) == 35
     assert manifest["units"]["ecg"].startswith("normalised")
     by_split = assert_patient_disjoint(output)

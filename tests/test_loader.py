@@ -1,5 +1,7 @@
 """Ray Data loader: manifests, split filter, model space, augmentation determinism, never `test`."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -96,6 +98,30 @@ def test_augmentation_changes_training_batches_only(synthetic_shards):
     d = np.concatenate([b["ppg"] for b in _collect(model_space_dataset(plain, split="val", training=False))])
     assert a.shape == b.shape and not np.allclose(np.sort(a.ravel()), np.sort(b.ravel()))
     np.testing.assert_array_equal(np.sort(c.ravel()), np.sort(d.ravel()))
+
+
+def test_shards_without_a_calibration_beat_ship_no_template(synthetic_shards, tmp_path):
+    """Synthetic windows have no calibration: their manifest counts none, so batches carry upstrokes but no
+    all-zero template; a manifest that does not count them is read with the beat columns, as before."""
+    import json
+    import shutil
+
+    from p2es_dist.data.loader import read_columns
+
+    manifest = json.loads((Path(synthetic_shards) / "manifest.json").read_text())
+    assert all(shard["calibrated_rows"] == 0 for shard in manifest["shards"])
+    config = LoaderConfig(uris=[synthetic_shards], augment=AugmentConfig(enabled=False))
+    columns = read_columns(config)
+    assert "ppg_upstrokes" in columns and "calib_beat" not in columns
+    batch = next(iter(torch_batches(model_space_dataset(config, split="val", training=False), config,
+                                    training=False)))
+    assert "upstrokes" in batch and "template" not in batch and "template_mask" not in batch
+    uncounted = tmp_path / "uncounted"
+    shutil.copytree(synthetic_shards, uncounted)
+    for shard in manifest["shards"]:
+        del shard["calibrated_rows"]
+    (uncounted / "manifest.json").write_text(json.dumps(manifest))
+    assert "calib_beat" in read_columns(LoaderConfig(uris=[str(uncounted)]))
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 from p2es_dist.data.folds import read_all_windows
 from p2es_dist.data.read import (
     calibration_available,
+    calibration_present,
     iter_tables,
     read_manifest,
     read_table,
@@ -117,6 +118,20 @@ def test_missing_manifest_and_empty_folders_are_clear_errors(tmp_path, two_folde
 def test_calibration_needs_every_folder_at_schema_two(two_folders, tmp_path):
     assert calibration_available(two_folders[1:]) and not calibration_available(two_folders)
     assert not calibration_available([]) and not calibration_available([str(tmp_path / "nowhere")])
+
+
+def test_calibration_is_present_unless_every_shard_counts_none(tmp_path):
+    folder = Path(_write_folder(tmp_path / "f", {"a.parquet": _rows("a", 3), "b.parquet": _rows("b", 3)},
+                                schema_version=2))
+    assert calibration_present([str(folder)])  # not counted (a manifest older than the count): maybe
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for shard, count in zip(manifest["shards"], (0, 2), strict=True):
+        shard["calibrated_rows"] = count
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert calibration_present([str(folder)])
+    manifest["shards"][1]["calibrated_rows"] = 0
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert not calibration_present([str(folder)]) and calibration_available([str(folder)])
 
 
 def test_read_all_windows_is_the_whole_folder(two_folders):

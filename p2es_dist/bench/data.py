@@ -25,7 +25,7 @@ def pyarrow_pass(uris: list[str], batch_size: int, max_windows: int) -> int:
     from p2es_dist.data.loader import LoaderConfig, read_columns
     from p2es_dist.data.read import shard_paths
 
-    columns = read_columns(LoaderConfig(uris=uris))  # what the Ray side reads, calibration included
+    columns = read_columns(LoaderConfig(uris=uris))  # exactly what the Ray side reads
     filesystem, paths = shard_paths(uris)
     windows = 0
     for path in paths:

@@ -166,7 +166,11 @@ def _write_shards(table: pa.Table, plan: IngestPlan, task_id: int) -> list[dict]
         data = buffer.getvalue()
         relative = f"shards/{plan.fingerprint}-{plan.task_ids[task_id]}-p{part:03d}.parquet"
         uri_lib.write_bytes_atomic(uri_lib.join(plan.output_uri, relative), data)
-        shards.append({"path": relative, "rows": chunk.num_rows, "sha256": hashlib.sha256(data).hexdigest()})
+        # Rows with a calibration beat: readers skip the beat columns (and a 49 KB template per window in
+        # every batch) where no shard has one, as for ECG-only sets (`data/read.calibration_present`).
+        calibrated = chunk.num_rows - chunk.column("calib_beat").null_count
+        shards.append({"path": relative, "rows": chunk.num_rows, "sha256": hashlib.sha256(data).hexdigest(),
+                       "calibrated_rows": calibrated})
     return shards
 
 

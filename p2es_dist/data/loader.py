@@ -40,16 +40,18 @@ import pyarrow as pa
 from p2es_dist.constants import LEAD_INDEX, LEADS, N_LEADS
 from p2es_dist.data.augment import AugmentConfig, augment_batch
 from p2es_dist.data.batches import table_to_batch
-from p2es_dist.data.read import calibration_available, read_windows
+from p2es_dist.data.read import calibration_available, calibration_present, read_windows
 from p2es_dist.data.schema import CALIBRATION_COLUMNS
 from p2es_dist.errors import ConfigError, UserError
 
 BLOCK_BYTES = 16 * 1024**2  # Ray Data blocks of model-space windows (~160 windows)
 # Columns a model batch needs; `window_id` only seeds augmentation and is dropped after conversion.
 READ_COLUMNS = ["window_id", "split", "subject_id", "ppg", "ecg", "ecg_mask", "age", "sex", "labels", "quality"]
-# Read besides when every manifest is of shard schema 2 or later; batches then carry `template(_mask)` and
-# `source` (each source has its own zero-shot population, `models/base.PopulationTemplate`).
+# Read besides when every manifest is of shard schema 2 or later; batches then carry `upstrokes`, `source`
+# (each source has its own zero-shot population, `models/base.PopulationTemplate`) and, where some shard
+# holds a calibration beat, `template(_mask)`.
 CALIBRATION_READ_COLUMNS = ["start", "source", *CALIBRATION_COLUMNS]
+TIMING_READ_COLUMNS = ["start", "source", "ppg_upstrokes"]
 
 
 @dataclass
@@ -177,9 +179,8 @@ def convert_block(table: pa.Table, *, augment: AugmentConfig | None = None, seed
     `condition_leads`: the same input leads for every window; `condition_subsets` (normalised by
     `parse_condition_subsets`): one drawn per window (`draw_condition_leads`). Either sets `cond_leads`.
 
-    Signals leave as float32, what the models read: casting to float16 for the object store and back cost
-    more CPU than the bytes it saved (numpy converts float16 without SIMD; `p2es bench data` on 2 cores
-    went from ~2,300 to ~2,600 windows/s without it).
+    Signals leave as float32, what the models read. Shipping model-space ECG as float16 (a second rounding
+    of every sample) would save ~10 % of `p2es bench data`'s time on 2 cores: not worth the precision.
     """
     batch = table_to_batch(table)
     if augment is not None and augment.enabled and len(table):
@@ -199,8 +200,11 @@ def convert_block(table: pa.Table, *, augment: AugmentConfig | None = None, seed
 
 def read_columns(config: LoaderConfig) -> list[str]:
     """The shard columns a model batch is made from (`convert_block`), for these shard folders."""
-    calibrated = calibration_available(config.uris)
-    columns = READ_COLUMNS + (CALIBRATION_READ_COLUMNS if calibrated else [])
+    calibrated = calibration_present(config.uris)
+    # Without a beat in any shard (ECG-only sets, synthetic) every template would be zeros: 49 KB a window
+    # through the object store for nothing, a quarter of `p2es bench data`'s time.
+    timed = calibration_available(config.uris)
+    columns = READ_COLUMNS + (CALIBRATION_READ_COLUMNS if calibrated else TIMING_READ_COLUMNS if timed else [])
     # Teacher outputs (distillation) say per window whether the teacher saw its template.
     return columns + ((["teacher_ecg"] + (["template_hidden"] if calibrated else [])) if config.teacher_ecg else [])
 

@@ -74,6 +74,15 @@ def calibration_available(uris: Sequence[str]) -> bool:
     return min(versions) >= 2
 
 
+def calibration_present(uris: Sequence[str]) -> bool:
+    """Whether some shard under `uris` may hold a calibration beat: shard schema >= 2 and a manifest that
+    counts rows with one (`calibrated_rows`, written by ingest) above zero, or does not count them."""
+    if not calibration_available(uris):
+        return False
+    shards = [shard for folder in uris for shard in read_manifest(folder)["shards"]]
+    return any(shard.get("calibrated_rows", 1) > 0 for shard in shards)
+
+
 def _splits(split: Split) -> list[str] | None:
     if split is None or split == "all":
         return None
