@@ -32,6 +32,9 @@ from p2es_dist.train.tracking import Tracker
 # The loss part that is a model's reconstruction error, by preference: P2Es' x0 prediction, the
 # regressors' (and student's) MSE, the foundation encoder's masked-patch reconstruction.
 RECONSTRUCTION_PARTS = ("x0_mse", "mse", "recon")
+# Training losses stay on the device until this many are pending (or a validation step comes): reading one
+# back waits for the device, which every step would otherwise do for the tracker alone.
+TRACKED_LOSSES_PER_SYNC = 25
 
 
 def _batches(shard, job, *, training: bool) -> Iterator[dict[str, torch.Tensor]]:
@@ -115,6 +118,14 @@ def _broadcast_from_rank0(model: torch.nn.Module) -> None:
             torch.distributed.broadcast(tensor.data, src=0)
 
 
+def log_pending_losses(tracker, pending: list[tuple[int, torch.Tensor, float]]) -> None:
+    """Log (step, loss on the device, lr) entries and empty the list: one device sync for all of them."""
+    values = torch.stack([loss.float() for _, loss, _ in pending]).cpu().tolist()
+    for (step, _, lr), value in zip(pending, values, strict=True):
+        tracker.log_metrics({"train_loss": value, "lr": lr}, step)
+    pending.clear()
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
@@ -155,6 +166,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tracker.log_config(job.as_dict(), step=step)
 
     last_log, begin, window_count = time.perf_counter(), time.perf_counter(), 0
+    pending_losses: list[tuple[int, torch.Tensor, float]] = []
     while step < job.train.max_steps:
         if job.fault.kill_rank == rank and job.fault.at_step == step and attempt == 1:
             # Crash after the last checkpoint is registered with the controller, as a real crash some
@@ -168,8 +180,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         engine.step()
         step += 1
         window_count += len(batch["ecg"])
-        if tracker.enabled:  # float() waits for the device: only where the value is written
-            tracker.log_metrics({"train_loss": float(loss), "lr": engine.get_lr()[0]}, step)
+        if tracker.enabled:
+            pending_losses.append((step, loss.detach(), engine.get_lr()[0]))
         if rank == 0 and time.perf_counter() - last_log > 10:
             print(f"step {step}/{job.train.max_steps} loss {float(loss):.4f} lr {engine.get_lr()[0]:.2e}", flush=True)
             last_log = time.perf_counter()
@@ -177,6 +189,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         save = step % job.train.checkpoint_every == 0 or step == job.train.max_steps
         # Every checkpoint carries its validation numbers: checkpoints are kept and selected by them.
         evaluate = step % job.train.eval_every == 0 or save
+        if pending_losses and (len(pending_losses) >= TRACKED_LOSSES_PER_SYNC or evaluate):
+            log_pending_losses(tracker, pending_losses)
         if not (evaluate or save):
             continue
         metrics = {"step": step, "train_loss": float(loss), "restored_from_step": restored_from,
