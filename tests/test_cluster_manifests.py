@@ -355,3 +355,25 @@ def test_readme_runtime_env_is_valid_and_excludes_venv(tmp_path: Path, monkeypat
         names = upload_names(tree, tmp_path / f"tree{index}.zip", runtime_env=env, include_gitignore=False)
         assert not _top_levels(names) & set(NEVER_UPLOADED)
         assert "p2es_dist/jobs/runs.py" in names
+
+
+def test_a_job_whose_runtime_env_sets_the_endpoint_still_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ray job submit --runtime-env-json '{"env_vars": {"AWS_ENDPOINT_URL": ...}}'`: the driver's ray.init
+    must not set that variable again, or Ray refuses to merge the two runtime envs and the job stops."""
+    import json
+
+    from ray._private.worker import _merge_runtime_env
+
+    from p2es_dist.jobs.common import JOB_CONFIG_ENV, forwarded_env_vars
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://local:8333")
+    monkeypatch.setenv("AWS_REGION", "us-west-2")
+    job_env = {"env_vars": {"AWS_ENDPOINT_URL": "https://s3.us-west-2.amazonaws.com"}}
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": job_env, "metadata": {}}))
+    ours = forwarded_env_vars()
+    assert ours["AWS_REGION"] == "us-west-2" and "AWS_ENDPOINT_URL" not in ours
+    merged = _merge_runtime_env(job_env, {"env_vars": ours})
+    assert merged["env_vars"]["AWS_ENDPOINT_URL"] == "https://s3.us-west-2.amazonaws.com"  # the job's value
+    # Without a submitted job (a laptop run) the endpoint is forwarded as before.
+    monkeypatch.delenv(JOB_CONFIG_ENV)
+    assert forwarded_env_vars()["AWS_ENDPOINT_URL"] == "http://local:8333"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -157,6 +158,21 @@ def _remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", PROGRESS_ENV)
+# Set by `ray job submit` for the job's driver: the job's runtime env, which ray.init merges with its own.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def forwarded_env_vars() -> dict[str, str]:
+    """The variables of this process that `connect_ray` passes to every worker, less those the submitted
+    job's own runtime env sets: Ray refuses to start a driver whose ray.init repeats a job's variable
+    ("Failed to merge the Job's runtime env ... because of a conflict"), and the user's value is the job's."""
+    job_env: dict = {}
+    if os.environ.get(JOB_CONFIG_ENV):
+        job_env = (json.loads(os.environ[JOB_CONFIG_ENV]).get("runtime_env") or {}).get("env_vars") or {}
+    return {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ and name not in job_env}
+
+
 def connect_ray(*, num_cpus: int | None = None) -> bool:
     """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it), else start a private local Ray
     (`start_local_ray`).
@@ -172,8 +188,7 @@ def connect_ray(*, num_cpus: int | None = None) -> bool:
     # Workers of a local Ray inherit this process's environment (credentials included). On a cluster the
     # endpoint is forwarded; credentials come from the nodes' own AWS chain and never travel in runtime_env,
     # which Ray shows in its job listings.
-    env_vars = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", PROGRESS_ENV)
-                if k in os.environ}
+    env_vars = forwarded_env_vars()
     runtime_env = {"env_vars": env_vars} if env_vars else None
     address = os.environ.get(RAY_ADDRESS_ENV)
     if address:
