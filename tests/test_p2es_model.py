@@ -298,3 +298,20 @@ def test_overfits_a_fixed_batch_of_real_bidmc_windows(bidmc_batch: dict[str, tor
     final = diffusion_loss()
     assert initial > 1e-3  # the recorded leads carry signal
     assert final <= 0.1 * initial, (initial, final)
+
+
+def test_sample_draws_is_the_default_number_of_averaged_draws() -> None:
+    """`sample_draws` (chosen on validation, like `sample_steps`) travels with the model: callers that do
+    not say how many draws get its mean; an explicit `n_samples` still wins."""
+    import dataclasses
+
+    model = randomise_zero_init(tiny_model())
+    batch = synthetic_batch(batch_size=3)
+    assert model.generation_options().n_samples == 1
+    model.config = dataclasses.replace(model.config, sample_draws=3)
+    assert model.generation_options().n_samples == 3
+    assert model.generation_options(GenerationOptions(n_samples=1)).n_samples == 1
+    draws = model.generate(batch, GenerationOptions(seed=5, n_samples=3), return_samples=True)
+    torch.testing.assert_close(model.generate(batch, GenerationOptions(seed=5)), draws.mean(dim=0))
+    with pytest.raises(ValueError, match="sample_draws"):
+        dataclasses.replace(model.config, sample_draws=0)

@@ -60,7 +60,7 @@ def _eval_config(args):
     from p2es_dist.evaluate.windows import parse_condition
     from p2es_dist.models.base import GenerationOptions
 
-    if args.batch_size < 1 or args.n_samples < 1 or args.bootstrap < 0:
+    if args.batch_size < 1 or (args.n_samples is not None and args.n_samples < 1) or args.bootstrap < 0:
         raise UserError("--batch-size and --n-samples must be >= 1, --bootstrap >= 0")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps: expected a positive number, got {args.steps}")
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", choices=["ddim", "ancestral"], help="stochastic models: sampler (default: model's)")
     p.add_argument("--steps", type=int, help="stochastic models: sampling steps (default: model's)")
     p.add_argument("--seed", type=int, default=0, help="generation and bootstrap seed")
-    p.add_argument("--n-samples", type=int, default=1, help="stochastic models: draws averaged per window")
+    p.add_argument("--n-samples", type=int, help="stochastic models: draws averaged per window (default: the "
+                   "model's, e.g. P2Es `sample_draws`)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the 95 %% intervals")
     p.add_argument("--no-dtw", action="store_true", help="skip DTW (reported as null)")
     p.add_argument("--no-figures", action="store_true", help="write metrics.json and report.md only")

@@ -52,8 +52,8 @@ Batch = dict[str, Tensor]
 class GenerationOptions:
     """How `generate` draws. Every model takes it; a deterministic model (`stochastic = False`) reads none of it.
 
-    `sampler` / `steps` None mean the model's default (`TranslationModel.generation_options` fills them in);
-    `n_samples` draws are averaged. A stochastic model is deterministic under `seed`. `calibration`, a
+    `sampler` / `steps` / `n_samples` None mean the model's default (`TranslationModel.generation_options`
+    fills them in); `n_samples` draws are averaged. A stochastic model is deterministic under `seed`. `calibration`, a
     `data.calibration.CalibrationProfile`, gives a model built with `use_template` the patient's template
     in every window of the batch (`with_calibration`; the batch must carry `upstrokes`).
     """
@@ -61,7 +61,7 @@ class GenerationOptions:
     seed: int = 0
     sampler: str | None = None
     steps: int | None = None
-    n_samples: int = 1
+    n_samples: int | None = None
     calibration: Any = None
 
     def with_seed(self, seed: int) -> GenerationOptions:
@@ -122,7 +122,7 @@ class TranslationModel(nn.Module):
         A deterministic model has no sampler: it resolves to sampler/steps None and one sample, whatever
         was asked (the seed is kept, as callers record it). Stochastic models override this.
         """
-        return GenerationOptions(seed=(options or GenerationOptions()).seed)
+        return GenerationOptions(seed=(options or GenerationOptions()).seed, n_samples=1)
 
     @torch.no_grad()
     def generate(self, batch: Batch, options: GenerationOptions | None = None) -> Tensor:

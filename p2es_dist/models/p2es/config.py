@@ -34,6 +34,7 @@ class P2EsConfig(ScheduleConfig, NetworkConfig, ConditioningConfig, AffinityConf
     cond_lead_prob: float = 0.25  # in training, chance that a window gets a random subset of its leads as input
     sampler: Sampler = "ddim"  # default of `generate`
     sample_steps: int = 20  # default DDIM steps (ancestral defaults to all T)
+    sample_draws: int = 1  # default draws `generate` averages (their mean: a point estimate of the ECG)
 
     def __post_init__(self) -> None:
         for component in (ScheduleConfig, NetworkConfig, ConditioningConfig, AffinityConfig):
@@ -44,6 +45,8 @@ class P2EsConfig(ScheduleConfig, NetworkConfig, ConditioningConfig, AffinityConf
             raise ValueError(f"sampler must be 'ddim' or 'ancestral', got {self.sampler!r}")
         if not 1 <= self.sample_steps <= self.timesteps:
             raise ValueError(f"sample_steps must be in [1, timesteps={self.timesteps}], got {self.sample_steps}")
+        if self.sample_draws < 1:
+            raise ValueError(f"sample_draws must be >= 1, got {self.sample_draws}")
         if self.use_template and self.template_residual and self.objective != "x0":
             raise ValueError("template_residual needs objective 'x0' (a correction to x0); set one or the other")
         if not 0.0 <= self.cond_lead_prob <= 1.0:

@@ -221,17 +221,19 @@ class P2Es(TranslationModel):
         return fixed, values
 
     def generation_options(self, options: GenerationOptions | None = None) -> GenerationOptions:
-        """`options` with the config's defaults: `sampler`, then `sample_steps` (DDIM) or all T (ancestral)."""
+        """`options` with the config's defaults: `sampler`, then `sample_steps` (DDIM) or all T (ancestral),
+        and `sample_draws`."""
         options = options or GenerationOptions()
         sampler = options.sampler or self.config.sampler
         if sampler not in ("ddim", "ancestral"):
             raise ValueError(f"sampler must be 'ddim' or 'ancestral', got {sampler!r}")
-        if options.n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {options.n_samples}")
+        n_samples = self.config.sample_draws if options.n_samples is None else options.n_samples
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         steps = options.steps
         if steps is None:
             steps = self.config.sample_steps if sampler == "ddim" else self.config.timesteps
-        return replace(options, sampler=sampler, steps=steps)
+        return replace(options, sampler=sampler, steps=steps, n_samples=n_samples)
 
     @torch.no_grad()
     def generate(
