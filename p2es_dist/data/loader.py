@@ -40,7 +40,7 @@ import pyarrow as pa
 from p2es_dist.constants import LEAD_INDEX, LEADS, N_LEADS
 from p2es_dist.data.augment import AugmentConfig, augment_batch
 from p2es_dist.data.batches import table_to_batch
-from p2es_dist.data.read import calibration_available, calibration_present, read_windows
+from p2es_dist.data.read import calibration_state, read_windows
 from p2es_dist.data.schema import CALIBRATION_COLUMNS
 from p2es_dist.errors import ConfigError, UserError
 
@@ -50,8 +50,8 @@ READ_COLUMNS = ["window_id", "split", "subject_id", "ppg", "ecg", "ecg_mask", "a
 # Read besides when every manifest is of shard schema 2 or later; batches then carry `upstrokes`, `source`
 # (each source has its own zero-shot population, `models/base.PopulationTemplate`) and, where some shard
 # holds a calibration beat, `template(_mask)`.
-CALIBRATION_READ_COLUMNS = ["start", "source", *CALIBRATION_COLUMNS]
 TIMING_READ_COLUMNS = ["start", "source", "ppg_upstrokes"]
+CALIBRATION_READ_COLUMNS = TIMING_READ_COLUMNS + [c for c in CALIBRATION_COLUMNS if c not in TIMING_READ_COLUMNS]
 
 
 @dataclass
@@ -200,10 +200,9 @@ def convert_block(table: pa.Table, *, augment: AugmentConfig | None = None, seed
 
 def read_columns(config: LoaderConfig) -> list[str]:
     """The shard columns a model batch is made from (`convert_block`), for these shard folders."""
-    calibrated = calibration_present(config.uris)
     # Without a beat in any shard (ECG-only sets, synthetic) every template would be zeros: 49 KB a window
     # through the object store for nothing, a quarter of `p2es bench data`'s time.
-    timed = calibration_available(config.uris)
+    timed, calibrated = calibration_state(config.uris)
     columns = READ_COLUMNS + (CALIBRATION_READ_COLUMNS if calibrated else TIMING_READ_COLUMNS if timed else [])
     # Teacher outputs (distillation) say per window whether the teacher saw its template.
     return columns + ((["teacher_ecg"] + (["template_hidden"] if calibrated else [])) if config.teacher_ecg else [])

@@ -65,22 +65,27 @@ def manifest_shards(uris: Sequence[str], *,
     return filesystem, paths, rows
 
 
+def calibration_state(uris: Sequence[str]) -> tuple[bool, bool]:
+    """(`calibration_available`, `calibration_present`) from one read of each manifest."""
+    manifest_uris = [uri_lib.join(u, "manifest.json") for u in uris]
+    if not manifest_uris or not all(uri_lib.exists(m) for m in manifest_uris):
+        return False, False  # `shard_paths` names the folder without a manifest
+    manifests = [json.loads(uri_lib.read_text(m)) for m in manifest_uris]
+    available = min(m.get("schema_version", 1) for m in manifests) >= 2
+    # A shard whose manifest does not count its calibrated rows (older, hand-written) may have some.
+    present = available and any(shard.get("calibrated_rows", 1) > 0 for m in manifests for shard in m["shards"])
+    return available, present
+
+
 def calibration_available(uris: Sequence[str]) -> bool:
     """Whether every shard folder under `uris` carries beat timing and calibration (shard schema >= 2)."""
-    manifests = [uri_lib.join(u, "manifest.json") for u in uris]
-    if not manifests or not all(uri_lib.exists(m) for m in manifests):
-        return False  # `shard_paths` names the folder without a manifest
-    versions = [json.loads(uri_lib.read_text(m)).get("schema_version", 1) for m in manifests]
-    return min(versions) >= 2
+    return calibration_state(uris)[0]
 
 
 def calibration_present(uris: Sequence[str]) -> bool:
     """Whether some shard under `uris` may hold a calibration beat: shard schema >= 2 and a manifest that
     counts rows with one (`calibrated_rows`, written by ingest) above zero, or does not count them."""
-    if not calibration_available(uris):
-        return False
-    shards = [shard for folder in uris for shard in read_manifest(folder)["shards"]]
-    return any(shard.get("calibrated_rows", 1) > 0 for shard in shards)
+    return calibration_state(uris)[1]
 
 
 def _splits(split: Split) -> list[str] | None:
