@@ -26,6 +26,20 @@ def test_pointwise_metrics_hand_computed():
     # centred: t = (-1.5, -0.5, 0.5, 1.5), p = (-1.75, -1.75, 2.25, 1.25)
     r = (2.625 + 0.875 + 1.125 + 1.875) / np.sqrt(5.0 * 12.75)
     assert got["pearson"] == pytest.approx(r)
+    assert got["amp_ratio"] == pytest.approx(4 / 3)  # peak-to-peak 4 (1 .. 5) over 3 (1 .. 4)
+
+
+def test_amp_ratio_sees_a_flattened_qrs_that_pearson_forgives():
+    """A spike averaged over +-2 samples of where it might fall keeps a high Pearson at a fifth of the height."""
+    target = np.zeros((1, 1, 64))
+    target[0, 0, 30] = 1.0
+    hedged = np.zeros_like(target)
+    hedged[0, 0, 28:33] = 0.2
+    got = metrics.pointwise_errors(target, hedged, np.ones((1, 1), bool))
+    assert got["pearson"][0, 0] > 0.4
+    assert got["amp_ratio"][0, 0] == pytest.approx(0.2)
+    flat = metrics.pointwise_errors(np.zeros_like(target), hedged, np.ones((1, 1), bool))
+    assert np.isnan(flat["amp_ratio"][0, 0])  # undefined against a flat recording
 
 
 def test_perfect_and_zero_predictions_and_mask():

@@ -15,7 +15,7 @@ import numpy as np
 from p2es_dist.errors import UserError
 from p2es_dist.evaluate import metrics, templates
 
-POOLED_METRICS = ("pearson", "pearson_lag", "rrmse", "minmax_rmse")
+POOLED_METRICS = ("pearson", "pearson_lag", "rrmse", "amp_ratio", "minmax_rmse")
 
 
 def read_lead_ii_windows(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -76,7 +76,8 @@ def markdown(summary: dict) -> str:
     """The pooled table as Markdown (what `p2es evaluate --cv-folds` prints and writes to cv.md)."""
     lines = [f"### {summary['protocol']}: {summary['n_subjects']} subjects, {summary['n_windows']} windows, "
              f"{len(summary['folds'])} folds (lead II, 95 % subject bootstrap)", "",
-             "| model | Pearson | lag-tolerant Pearson | rRMSE | min-max RMSE |", "|---|---|---|---|---|"]
+             "| model | Pearson | lag-tolerant Pearson | rRMSE | amplitude ratio | min-max RMSE |",
+             "|---|---|---|---|---|---|"]
 
     def cell(entry: dict, metric: str) -> str:
         value, (low, high) = entry.get(metric), entry["ci95"].get(metric, [None, None])

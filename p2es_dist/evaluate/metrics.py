@@ -26,7 +26,10 @@ import numpy as np
 
 from p2es_dist.constants import FS, LEADS
 
-METRICS: tuple[str, ...] = ("mse", "mae", "rmse", "rrmse", "pearson", "pearson_lag", "lag_ms", "dtw")
+METRICS: tuple[str, ...] = ("mse", "mae", "rmse", "rrmse", "pearson", "pearson_lag", "lag_ms", "amp_ratio", "dtw")
+# `amp_ratio`: peak-to-peak of the generated lead over that of the recorded one (1: same height). An output
+# that averages over where a QRS might fall scores well on MSE and Pearson with QRS complexes half as tall;
+# this says so. Window space only: per-lead min-max scaling makes every lead's peak-to-peak 2.
 # Lag-tolerant Pearson: the best Pearson over shifts of the generated lead within +-80 ms (10 samples),
 # a QRS placed one PAT-spread early or late. `lag_ms` is that shift (positive: generated lags recorded).
 MAX_LAG_MS = 80.0
@@ -40,7 +43,8 @@ def _masked(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def pointwise_errors(target: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-    """(n, 12) per-window per-lead mse, mae, rmse, rrmse (||e - ê|| / ||e||) and Pearson r."""
+    """(n, 12) per-window per-lead mse, mae, rmse, rrmse (||e - ê|| / ||e||), Pearson r (plain and
+    lag-tolerant, with its lag) and amp_ratio (peak-to-peak of prediction / of target)."""
     target = np.asarray(target, dtype=np.float64)
     prediction = np.asarray(prediction, dtype=np.float64)
     mask = np.asarray(mask, dtype=bool)
@@ -53,6 +57,8 @@ def pointwise_errors(target: np.ndarray, prediction: np.ndarray, mask: np.ndarra
     with np.errstate(invalid="ignore", divide="ignore"):
         rrmse = np.where(target_norm > _EPS, np.sqrt(np.sum(error**2, axis=-1)) / target_norm, np.nan)
         pearson = np.where(denominator > _EPS, np.sum(t_centred * p_centred, axis=-1) / denominator, np.nan)
+        target_span = np.ptp(target, axis=-1)
+        amp_ratio = np.where(target_span > _EPS, np.ptp(prediction, axis=-1) / target_span, np.nan)
     return {
         "mse": _masked(mse, mask),
         "mae": _masked(np.mean(np.abs(error), axis=-1), mask),
@@ -60,6 +66,7 @@ def pointwise_errors(target: np.ndarray, prediction: np.ndarray, mask: np.ndarra
         "rrmse": _masked(rrmse, mask),
         "pearson": _masked(pearson, mask),
         **lagged_pearson(target, prediction, mask),
+        "amp_ratio": _masked(amp_ratio, mask),
     }
 
 

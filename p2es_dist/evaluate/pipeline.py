@@ -59,7 +59,8 @@ def _load(uri: str, role: str):
 
 
 LEAD_II_WINDOWS = "lead_ii_windows.csv"
-LEAD_II_COLUMNS = (("window", "pearson"), ("window", "pearson_lag"), ("window", "rrmse"), ("minmax", "rmse"))
+LEAD_II_COLUMNS = (("window", "pearson"), ("window", "pearson_lag"), ("window", "rrmse"), ("window", "amp_ratio"),
+                   ("minmax", "rmse"))
 
 
 def classifier_thresholds(loaded, config: EvalConfig) -> dict[str, Any]:
