@@ -105,6 +105,25 @@ def test_population_jitter_shifts_only_population_windows_by_their_spread():
     assert abs(float(peaks[~calibrated].float().mean())) < 0.3
 
 
+def test_population_realign_moves_each_target_to_the_population_pat():
+    """A record whose PAT is 80 ms above the population's has its QRS moved 10 samples later (it sat 10
+    samples early against the population template), one 80 ms below 10 earlier; no PAT or a calibrated
+    window: unmoved. Without `realign` the same batch is unmoved (zero spread)."""
+    from p2es_dist.constants import WINDOW
+    from p2es_dist.models.base import PopulationTemplate
+
+    template = PopulationTemplate({"fs": 125, "pat_s": 0.56, "pat_iqr_s": 0.0, "beat": {"II": [1.0] * 100}})
+    ecg = torch.zeros(4, 12, WINDOW)
+    ecg[:, 1, 500] = 1.0
+    batch = {"ecg": ecg, "ecg_mask": torch.ones(4, 12, dtype=torch.bool),
+             "template_calibrated": torch.tensor([False, False, False, True]),
+             "template_mask": torch.ones(4, 12, dtype=torch.bool),
+             "pat_s": torch.tensor([0.64, 0.48, float("nan"), 0.64])}
+    moved = template.jitter_targets(batch, realign=True)[:, 1].argmax(dim=1) - 500
+    assert moved.tolist() == [10, -10, 0, 0]
+    assert (template.jitter_targets(batch)[:, 1].argmax(dim=1) == 500).all()
+
+
 @pytest.mark.parametrize("name", ["p2es", "unet", "student"])
 def test_generate_with_a_calibration_profile_uses_the_patients_template(name):
     """`generate(batch, GenerationOptions(calibration=profile))`: the library form of `translate --calibration`.

@@ -65,7 +65,7 @@ def labels_multi_hot(labels: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
     """Shard rows -> model-space batch (ppg, ppg_mask, ecg, ecg_mask, age, sex, labels, subject, scale;
-    source, template and template_mask when they carry calibration columns; teacher_ecg when they carry it)."""
+    source, template, template_mask and pat_s when they carry calibration columns; teacher_ecg when they carry it)."""
     ecg = _fixed_list_to_numpy(table.column("ecg"), N_LEADS * WINDOW).reshape(-1, N_LEADS, WINDOW)
     ecg_mask = _fixed_list_to_numpy(table.column("ecg_mask"), N_LEADS, dtype=bool)
     ppg_column = table.column("ppg")
@@ -93,6 +93,8 @@ def table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
         batch["upstrokes"] = upstroke_array(table.column("ppg_upstrokes"))
     if "calib_beat" in table.column_names:
         batch["template"], batch["template_mask"] = calibration_templates(table, batch["upstrokes"])
+        # The record's PAT (NaN: none measured); only training reads it (`PopulationTemplate.jitter_targets`).
+        batch["pat_s"] = table.column("calib_pat_s").to_numpy(zero_copy_only=False).astype(np.float32)
         if "template_hidden" in table.column_names:  # distillation: the teacher answered without it
             hidden = table.column("template_hidden").to_numpy(zero_copy_only=False).astype(bool)
             batch["template_mask"] &= ~hidden[:, None]

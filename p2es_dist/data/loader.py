@@ -251,7 +251,7 @@ def torch_batches(shard, config: LoaderConfig, *, training: bool, epoch: int = 0
         dtypes={"ppg": torch.float32, "ecg": torch.float32, "ppg_mask": torch.bool, "ecg_mask": torch.bool,
                 "age": torch.float32, "sex": torch.int64, "labels": torch.float32, "subject": torch.int64,
                 "scale": torch.float32, "template": torch.float32, "template_mask": torch.bool,
-                "upstrokes": torch.int32, "source": torch.int64,
+                "upstrokes": torch.int32, "source": torch.int64, "pat_s": torch.float32,
                 **({"cond_leads": torch.bool} if config.conditions else {}),
                 **({"teacher_ecg": torch.float32} if config.teacher_ecg else {})},
         prefetch_batches=config.prefetch_batches,

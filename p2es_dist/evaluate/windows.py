@@ -74,6 +74,7 @@ def iter_batches(table: pa.Table, *, batch_size: int, condition: list[str] | Non
         if "template" in batch:
             batch.update(template_renders(rows, population, protocol))
             if protocol == "zero-shot":
+                batch.pop("pat_s", None)
                 batch["template_mask"] = np.zeros_like(batch["template_mask"])
                 batch["template"] = np.zeros_like(batch["template"])
         yield lo, batch

@@ -20,6 +20,8 @@ A batch is a dict of tensors in model space (`p2es_dist/data/normalize.py`), as 
 | `subject`       | (B,) int64               | stable hash of `subject_id` (same patient -> same value)             |
 | `source`        | (B,) int64, optional     | stable hash of the shard's `source` (picks the zero-shot population) |
 | `upstrokes`     | (B, K) int32, optional   | PPG upstroke positions, padded with `data.timing.UPSTROKE_PAD`        |
+| `pat_s`         | (B,) float32, optional   | the record's calibrated PAT in s (NaN: none); training only, never an |
+|                 |                          | input (evaluation drops it under the zero-shot protocol)             |
 
 Leads are in `constants.LEADS` order, L = `constants.WINDOW`. A batch without `template` /
 `template_mask` (old shards, 12-lead corpora) has no template for any window; models read it only
@@ -268,7 +270,7 @@ class PopulationTemplate(nn.Module):
         values = torch.gather(self.beats[rows], 2, index)  # (B, 12, L)
         return values * covered[:, None, :].to(values.dtype)
 
-    def jitter_targets(self, batch: Batch) -> Tensor:
+    def jitter_targets(self, batch: Batch, *, realign: bool = False) -> Tensor:
         """(B, 12, L) the batch's ECG, shifted in time by a lag ~ N(0, sigma of the PAT spread) in every window
         that `fill` gave the population template (edges repeat the first or last sample).
 
@@ -276,11 +278,24 @@ class PopulationTemplate(nn.Module):
         model memorises them and places sharp QRS complexes at the wrong time for a new patient; with it,
         each zero-shot window is shown as if its patient's PAT were any of the population's, and the
         MSE-optimal answer hedges as `hedged_beat` does. Draws from torch's global generator.
+
+        `realign` (windows whose record has a PAT, batch key `pat_s`): first move the ECG by the record's PAT
+        minus the population's, so the lag is drawn around the population PAT rather than the patient's
+        own. The jitter alone still lets a model recognise a training patient from the PPG and centre its
+        QRS on that patient's PAT: a wrong place for the next patient.
         """
+        from p2es_dist.constants import FS
+        from p2es_dist.data.timing import BEAT_PRE
+
         ecg = batch["ecg"]
         population = batch["template_mask"].any(dim=1) & ~batch["template_calibrated"]
-        sigma = self.spreads[self.rows(batch)]
-        lag = torch.round(torch.randn(len(ecg), device=ecg.device) * sigma).long() * population.long()
+        rows = self.rows(batch)
+        lag = torch.round(torch.randn(len(ecg), device=ecg.device) * self.spreads[rows])
+        if realign and "pat_s" in batch:
+            pat = batch["pat_s"].to(ecg.device).float() * FS
+            offset = torch.where(torch.isfinite(pat), pat - (self.shifts[rows] - BEAT_PRE).float(), 0.0)
+            lag = lag + torch.round(offset)
+        lag = lag.long() * population.long()
         t = torch.arange(ecg.shape[-1], device=ecg.device)
         index = (t[None, :] - lag[:, None]).clamp(0, ecg.shape[-1] - 1)
         return torch.gather(ecg, 2, index[:, None, :].expand(-1, ecg.shape[1], -1))

@@ -65,6 +65,9 @@ class ConditioningConfig:
     # their population's PAT spread (`PopulationTemplate.jitter_targets`), so that the zero-shot answer
     # hedges timing instead of memorising the training patients' PATs.
     population_jitter: bool = False
+    # With population_jitter: draw that lag around the population PAT, not the patient's own (moving the
+    # target by the record's PAT minus the population's first), so no training patient's PAT is learnable.
+    population_realign: bool = False
     # The training population's calibration profile (data/calibration.py JSON), filled in by the trainer:
     # windows without the patient's template get the population's beat at their PPG upstrokes instead.
     population: dict = field(default_factory=dict)

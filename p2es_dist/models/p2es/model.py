@@ -174,7 +174,8 @@ class P2Es(TranslationModel):
                 batch = hide_templates(batch, self.config.template_dropout)
             batch = self.population.fill(batch)
             if self.training and self.config.population_jitter:
-                batch = {**batch, "ecg": self.population.jitter_targets(batch)}
+                batch = {**batch, "ecg": self.population.jitter_targets(
+                    batch, realign=self.config.population_realign)}
         ecg, recorded = batch["ecg"].float(), batch["ecg_mask"].bool()
         ecg = torch.where(recorded[:, :, None], ecg, torch.zeros_like(ecg))
         batch_size = len(ecg)
