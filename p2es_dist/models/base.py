@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from p2es_dist.constants import N_LEADS
+from p2es_dist.constants import FS, N_LEADS
 from p2es_dist.models.leads import impose_given_leads
 
 Batch = dict[str, Tensor]
@@ -284,7 +284,6 @@ class PopulationTemplate(nn.Module):
         own. The jitter alone still lets a model recognise a training patient from the PPG and centre its
         QRS on that patient's PAT: a wrong place for the next patient.
         """
-        from p2es_dist.constants import FS
         from p2es_dist.data.timing import BEAT_PRE
 
         ecg = batch["ecg"]
